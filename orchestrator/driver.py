@@ -1,0 +1,264 @@
+"""The driver: plans, schedules shards on Ray actors, writes the result. It never holds the model.
+
+plan (model folder, partition, checks; all bad input is caught here, before Ray)
+  -> Ray actors compress shards (weights travel through the object store)
+  -> each result is written as one safetensors file of the output checkpoint
+  -> the checkpoint folder is renamed into place when complete
+  -> dense and compressed perplexity (Ray tasks) -> report.json / report.md -> MLflow
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from tqdm import tqdm
+
+from orchestrator.checkpoint import (
+    copy_non_weight_files,
+    fsync_dir,
+    read_keys,
+    shard_file_name,
+    write_index,
+    write_tensors,
+)
+from orchestrator.errors import UserError
+from orchestrator.partition import CAUSAL_LM, Partition, partition_model
+from orchestrator.recipe import Recipe, Stage
+from orchestrator.worker import CompressionWorker, ShardResult, read_tensors
+
+
+class ShardFailed(RuntimeError):
+    """A shard failed on every attempt it was allowed."""
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    model_dir: Path
+    partition: Partition
+    run_dir: Path
+
+
+@dataclass
+class Timer:
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 3)
+
+
+def resolve_model_dir(path: str, progress: bool) -> Path:
+    from orchestrator.reference import is_reference, reference_name, resolve_reference
+
+    if is_reference(path):
+        try:
+            return resolve_reference(reference_name(path), progress=progress)
+        except KeyError as e:
+            raise UserError(f"model.path: {e.args[0]}") from None
+    model_dir = Path(path).expanduser()
+    if not model_dir.is_dir():
+        raise UserError(f"model.path: folder not found: {model_dir}")
+    return model_dir.resolve()
+
+
+def check_stages(stages: list[Stage], partition: Partition) -> None:
+    """Every stage must hit a layer, and every hit layer must fit the stage's groups."""
+    layers = [layer for shard in partition.shards for layer in shard.linears]
+    for stage in stages:
+        hits = [layer for layer in layers if stage.applies_to(layer.name)]
+        where = f"stages.{stage.index}"
+        if not hits:
+            raise UserError(f"key '{where}.targets': matches no Linear layer in the transformer blocks "
+                            f"(e.g. {layers[0].name if layers else 'none'})")
+        group = getattr(stage.params, "group_size", -1)
+        n_m = getattr(stage.params, "n_m", None)
+        for layer in hits:
+            if group != -1 and layer.in_features % group:
+                raise UserError(f"key '{where}.group_size': {group} does not divide the {layer.in_features} "
+                                f"input features of {layer.name}")
+            if n_m and layer.in_features % n_m[1]:
+                raise UserError(f"key '{where}.pattern': M={n_m[1]} does not divide the {layer.in_features} "
+                                f"input features of {layer.name}")
+
+
+def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> Plan:
+    cfg = recipe.config
+    model_dir = resolve_model_dir(cfg.model.path, progress)
+    partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code)
+    check_stages(recipe.stages, partition)
+    out_root = Path(cfg.output.dir).expanduser().resolve()
+    run_dir = out_root / recipe.run_name
+    if (run_dir / "report.json").exists() and not (overwrite or cfg.output.overwrite):
+        raise UserError(f"output: {run_dir} already holds a complete run; pass --overwrite to replace it")
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        probe = out_root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output.dir: cannot write to {out_root} ({e.strerror})") from None
+    return Plan(recipe, model_dir, partition, run_dir)
+
+
+def start_ray(recipe: Recipe) -> bool:
+    """Join `cluster.address`, or start an embedded local Ray. Returns True if we started it."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = recipe.config.cluster
+    if cluster.address:
+        ray.init(address=cluster.address, logging_level="WARNING")
+    else:
+        # Logical CPUs: the workers plus room for the loader and evaluation tasks.
+        wanted = math.ceil(cluster.workers * cluster.cpus_per_worker) + 1
+        ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+def compress_all(plan: Plan, staging: Path, progress: bool) -> tuple[list[dict], dict[str, str], int]:
+    """Run every shard on the actors; write each result as it arrives. Returns shard records."""
+    recipe, partition = plan.recipe, plan.partition
+    cluster = recipe.config.cluster
+    total_files = len(partition.shards) + 1  # the shards, and one file for everything outside the blocks
+    actors = [
+        CompressionWorker.options(
+            num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker, max_restarts=cluster.max_restarts
+        ).remote(threads=int(max(1, cluster.cpus_per_worker)))
+        for _ in range(min(cluster.workers, len(partition.shards)))
+    ]
+    pending = deque(partition.shards)
+    attempts = {s.index: 0 for s in partition.shards}
+    in_flight: dict = {}
+    idle = list(actors)
+    records: dict[int, dict] = {}
+    weight_map: dict[str, str] = {}
+    tensor_bytes = 0
+    bar = tqdm(total=len(partition.shards), desc="compress", unit="shard", file=sys.stderr, disable=not progress)
+    try:
+        while pending or in_flight:
+            while pending and idle:
+                shard, actor = pending.popleft(), idle.pop(0)
+                attempts[shard.index] += 1
+                tensors = read_tensors.remote(str(plan.model_dir), list(shard.tensor_keys), partition.key_to_file)
+                in_flight[actor.compress.remote(shard, tensors, recipe.stages)] = (shard, actor)
+            [done], _ = ray.wait(list(in_flight), num_returns=1)
+            shard, actor = in_flight.pop(done)
+            idle.append(actor)
+            try:
+                result: ShardResult = ray.get(done)
+            except (RayActorError, WorkerCrashedError, RayTaskError) as e:
+                if attempts[shard.index] > cluster.max_restarts:
+                    raise ShardFailed(f"shard {shard.index} ({', '.join(shard.modules)}) failed "
+                                      f"{attempts[shard.index]} times; last error: {str(e).splitlines()[0]}") from e
+                bar.write(f"shard {shard.index}: attempt {attempts[shard.index]} failed "
+                          f"({type(e).__name__}); retrying")
+                pending.appendleft(shard)
+                continue
+            fname = shard_file_name(shard.index + 1, total_files)
+            tensor_bytes += write_tensors(staging / fname, result.tensors)
+            weight_map.update({k: fname for k in result.tensors})
+            records[shard.index] = shard_record(shard, result, attempts[shard.index])
+            bar.update(1)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return [records[i] for i in sorted(records)], weight_map, tensor_bytes
+
+
+def shard_record(shard, result: ShardResult, attempts: int) -> dict:
+    return {
+        "index": shard.index,
+        "modules": shard.modules,
+        "seconds": round(result.seconds, 3),
+        "attempts": attempts,
+        "worker": result.worker,
+        "error": {m.name: m.relative_error for m in result.layers},
+        "layers": [vars(m) for m in result.layers],
+    }
+
+
+def export_rest(plan: Plan, staging: Path, weight_map: dict[str, str], tensor_bytes: int) -> None:
+    """Everything outside the blocks (embeddings, norms, head) is copied as it was."""
+    partition = plan.partition
+    fname = shard_file_name(0, len(partition.shards) + 1)
+    rest = read_keys(plan.model_dir, list(partition.rest_keys), partition.key_to_file)
+    tensor_bytes += write_tensors(staging / fname, rest)
+    weight_map.update({k: fname for k in rest})
+    write_index(staging, weight_map, tensor_bytes)
+    copy_non_weight_files(plan.model_dir, staging)
+    (staging / "recipe.yaml").write_text(plan.recipe.yaml)
+
+
+def run(plan: Plan, progress: bool = True) -> dict:
+    """Execute a plan; returns the report (also written to the run folder)."""
+    from orchestrator import evaluate, report, tracking
+
+    recipe, timer, started = plan.recipe, Timer(), time.time()
+    t0 = time.perf_counter()
+    partial = plan.run_dir.with_name(f".{plan.run_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    staging = partial / "model"
+    staging.mkdir(parents=True)
+    (partial / "recipe.yaml").write_text(recipe.yaml)
+
+    t = time.perf_counter()
+    owns_ray = start_ray(recipe)
+    timer.add("ray_start", time.perf_counter() - t)
+    try:
+        eval_cfg = recipe.config.data.eval
+        threads = int(max(1, recipe.config.cluster.cpus_per_worker))
+        evaluate_remote = ray.remote(num_cpus=1)(evaluate.perplexity)
+        is_lm = plan.partition.task == CAUSAL_LM
+        dense_ref = evaluate_remote.remote(str(plan.model_dir), eval_cfg, threads) if is_lm else None
+
+        t = time.perf_counter()
+        shards, weight_map, tensor_bytes = compress_all(plan, staging, progress)
+        timer.add("compress", time.perf_counter() - t)
+
+        t = time.perf_counter()
+        export_rest(plan, staging, weight_map, tensor_bytes)
+        fsync_dir(staging)
+        timer.add("export", time.perf_counter() - t)
+
+        t = time.perf_counter()
+        quality = {"dense": None, "compressed": None}
+        if is_lm:
+            compressed_ref = evaluate_remote.remote(str(staging), eval_cfg, threads)
+            dense, compressed = ray.get([dense_ref, compressed_ref])
+            quality = {"dense": dense.summary(), "compressed": compressed.summary()}
+            report.save_sample_logits(partial / "eval", dense, compressed)
+        timer.add("evaluate", time.perf_counter() - t)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+    data = report.build(plan, shards, quality, timer.phases, started, staging)
+
+    def write_report(d: dict) -> None:
+        d["timing"]["total_s"] = round(time.perf_counter() - t0, 3)
+        report.write(partial, d)
+
+    tracking.log_run(recipe, data, partial, write_report)
+    finalize(partial, plan.run_dir)
+    return data
+
+
+def finalize(partial: Path, run_dir: Path) -> None:
+    """Swap the finished folder into place; an older run there (with --overwrite) goes last."""
+    old = run_dir.with_name(f".{run_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if run_dir.exists():
+        run_dir.rename(old)
+    partial.rename(run_dir)
+    fsync_dir(run_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)

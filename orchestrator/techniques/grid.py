@@ -1,0 +1,63 @@
+"""The integer grid shared by every quantizer (RTN now, GPTQ later).
+
+Conventions (kept identical everywhere so export can pack the integers as is):
+- integers q live in the signed range [-2^(b-1), 2^(b-1) - 1];
+- the real value is (q - zero) * scale;
+- symmetric: zero = 0 and scale = absmax / (2^(b-1) - 1), so the grid is
+  idempotent (quantizing a quantized tensor returns it) and 0 is exact;
+- asymmetric: the range [min(w, 0), max(w, 0)] is spread over all 2^b levels,
+  zero is an integer in the range, so 0 is still exact (pruned weights stay 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+@dataclass
+class QuantParams:
+    scale: torch.Tensor  # [out, n_groups] float32
+    zero: torch.Tensor  # [out, n_groups] int32 (all 0 when symmetric)
+    bits: int
+    group_size: int  # columns per group; equals in_features for per-channel
+    symmetric: bool
+
+
+def group_view(W: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, in / group_size, group_size]."""
+    out_features, in_features = W.shape
+    return W.reshape(out_features, in_features // group_size, group_size)
+
+
+def fit_qparams(Wg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for groups Wg [..., g] over the last axis -> ([...], [...])."""
+    qmin, qmax = int_range(bits)
+    if symmetric:
+        absmax = Wg.abs().amax(dim=-1)
+        scale = absmax / qmax
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        lo = Wg.amin(dim=-1).clamp(max=0)
+        hi = Wg.amax(dim=-1).clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = None
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group
+    if zero is None:
+        zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+    return scale, zero
+
+
+def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Real values -> integers on the grid; broadcasting scale/zero over W."""
+    qmin, qmax = int_range(bits)
+    return torch.clamp(torch.round(W / scale) + zero, qmin, qmax).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero).to(scale.dtype) * scale

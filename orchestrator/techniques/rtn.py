@@ -1,0 +1,42 @@
+"""Round-to-nearest (RTN) weight quantization: the data-free baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, group_view, quantize
+from orchestrator.techniques.registry import register
+from orchestrator.techniques.result import LayerResult
+
+
+@dataclass
+class QuantizeParams:
+    """Weight quantization settings shared by RTN and (later) GPTQ."""
+
+    bits: int = 4
+    group_size: int = 128  # columns sharing one scale; -1 = one scale per output channel
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits: must be an integer in 2..8, got {self.bits}")
+        g = self.group_size
+        if g != -1 and (g < 8 or g & (g - 1)):
+            raise ValueError(f"group_size: must be -1 (per channel) or a power of two >= 8, got {g}")
+
+
+@register("rtn", "quantize", QuantizeParams)
+def rtn(W: torch.Tensor, p: QuantizeParams) -> LayerResult:
+    """W [out, in] -> the nearest grid point of every weight, group by group."""
+    group_size = W.shape[1] if p.group_size == -1 else p.group_size
+    Wg = group_view(W, group_size)  # [out, n_groups, g]
+    scale, zero = fit_qparams(Wg, p.bits, p.symmetric)  # [out, n_groups] each
+    q = quantize(Wg, scale[..., None], zero[..., None], p.bits)  # [out, n_groups, g]
+    W_hat = dequantize(q, scale[..., None], zero[..., None]).reshape(W.shape)
+    return LayerResult(
+        weight=W_hat,
+        quant=QuantParams(scale, zero, p.bits, group_size, p.symmetric),
+        qweight=q.reshape(W.shape),
+    )
