@@ -1,0 +1,35 @@
+"""Shared fixtures: a session cache with the micro reference model, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("orchestrator-cache")
+    os.environ["ORCHESTRATOR_CACHE"] = str(path)  # seen by this process and every CLI subprocess
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_lm(cache_dir) -> Path:
+    from orchestrator.reference import resolve_reference
+
+    return resolve_reference("micro-lm", progress=False)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`orchestrator ARGS` in a fresh process, as a user would type it."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,99 @@
+"""RTN and magnitude pruning: the grid, the levels, the exact sparsity patterns."""
+
+import pytest
+import torch
+
+from orchestrator.techniques.grid import int_range
+from orchestrator.techniques.magnitude import PruneParams, magnitude
+from orchestrator.techniques.rtn import QuantizeParams, rtn
+
+
+def random_weight(out_f=64, in_f=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_f, in_f, generator=g)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_uses_at_most_2_pow_bits_levels_per_group(bits, group_size, symmetric):
+    W = random_weight()
+    r = rtn(W, QuantizeParams(bits=bits, group_size=group_size, symmetric=symmetric))
+    g = W.shape[1] if group_size == -1 else group_size
+    groups = r.weight.reshape(W.shape[0], -1, g)
+    for row in groups.flatten(0, 1):
+        assert row.unique().numel() <= 2**bits
+    qmin, qmax = int_range(bits)
+    assert r.qweight.min() >= qmin and r.qweight.max() <= qmax
+    # the integers and scales reproduce the weight exactly
+    rebuilt = (r.qweight.reshape(W.shape[0], -1, g) - r.quant.zero[..., None]) * r.quant.scale[..., None]
+    assert torch.equal(rebuilt.reshape(W.shape), r.weight)
+    # and it is close to the original: the error is bounded by half a step
+    step = r.quant.scale.repeat_interleave(g, dim=1)
+    assert ((r.weight - W).abs() <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_round_trips_exactly_on_grid_values(bits, symmetric):
+    qmin, qmax = int_range(bits)
+    g = torch.Generator().manual_seed(1)
+    out_f, in_f, group = 8, 64, 32
+    scale = 2.0 ** torch.randint(-6, 0, (out_f, in_f // group), generator=g).float()  # exact in float
+    if symmetric:
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        q = torch.randint(-qmax, qmax + 1, (out_f, in_f // group, group), generator=g)
+        q[..., 0] = qmax  # the extremes are present, so the fitted scale is exactly `scale`
+    else:
+        zero = torch.randint(qmin + 1, qmax, scale.shape, generator=g).to(torch.int32)
+        q = torch.randint(qmin, qmax + 1, (out_f, in_f // group, group), generator=g)
+        q[..., 0], q[..., 1] = qmin, qmax
+    W = ((q - zero[..., None]) * scale[..., None]).reshape(out_f, in_f)
+    r = rtn(W, QuantizeParams(bits=bits, group_size=group, symmetric=symmetric))
+    assert torch.equal(r.weight, W)
+    again = rtn(r.weight, QuantizeParams(bits=bits, group_size=group, symmetric=symmetric))
+    assert torch.equal(again.weight, r.weight)
+
+
+def test_rtn_keeps_zeros_zero():
+    W = random_weight()
+    W[:, ::3] = 0
+    for symmetric in (True, False):
+        r = rtn(W, QuantizeParams(bits=3, group_size=64, symmetric=symmetric))
+        assert (r.weight[:, ::3] == 0).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.73, 0.9])
+def test_magnitude_hits_requested_sparsity_exactly(sparsity):
+    W = random_weight(48, 128)
+    r = magnitude(W, PruneParams(sparsity=sparsity))
+    assert int((r.weight == 0).sum()) == round(sparsity * W.numel())
+    assert torch.equal(r.mask, r.weight != 0)
+    kept, dropped = W.abs()[r.mask], W.abs()[~r.mask]
+    if dropped.numel():
+        assert dropped.max() <= kept.min()  # it dropped the smallest
+
+
+@pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("1:4", 1, 4), ("4:8", 4, 8)])
+def test_magnitude_n_m_keeps_exactly_n_per_group(pattern, n, m):
+    W = random_weight(32, 128)
+    r = magnitude(W, PruneParams(pattern=pattern))
+    groups = (r.weight != 0).reshape(32, -1, m)
+    assert (groups.sum(-1) == n).all()
+    assert abs((r.weight == 0).float().mean().item() - (1 - n / m)) < 1e-9
+    # within each group the kept ones are the largest
+    Wg, keep = W.abs().reshape(32, -1, m), groups
+    assert (Wg.masked_fill(~keep, float("inf")).amin(-1) >= Wg.masked_fill(keep, -1).amax(-1)).all()
+
+
+def test_magnitude_then_rtn_keeps_the_pattern():
+    from orchestrator.recipe import build_recipe
+    from orchestrator.worker import compress_layer
+
+    recipe = build_recipe({"model": {"path": "x"}, "stages": [
+        {"method": "magnitude", "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}]})
+    W = random_weight(16, 64)
+    W_hat, metrics = compress_layer(W, "layers.0.q_proj", recipe.stages)
+    assert ((W_hat != 0).reshape(16, -1, 4).sum(-1) <= 2).all()
+    assert metrics.methods == ["magnitude", "rtn"] and metrics.bits == 4
+    assert 0 < metrics.relative_error < 1
