@@ -30,10 +30,11 @@ from orchestrator.checkpoint import (
     write_index,
     write_tensors,
 )
+from orchestrator.data import Calibration, calibration_windows
 from orchestrator.errors import UserError
-from orchestrator.partition import CAUSAL_LM, Partition, partition_model
+from orchestrator.partition import CAUSAL_LM, Partition, Shard, load_config, partition_model
 from orchestrator.recipe import Recipe, Stage
-from orchestrator.worker import CompressionWorker, ShardResult, read_tensors
+from orchestrator.worker import CompressionWorker, ShardResult, embed_calibration, read_tensors
 
 
 class ShardFailed(RuntimeError):
@@ -46,6 +47,11 @@ class Plan:
     model_dir: Path
     partition: Partition
     run_dir: Path
+    calibration: Calibration | None  # token windows, when a stage needs calibration
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
 
 
 @dataclass
@@ -95,6 +101,12 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
     model_dir = resolve_model_dir(cfg.model.path, progress)
     partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code)
     check_stages(recipe.stages, partition)
+    calibration = None
+    if any(s.technique.needs_calibration for s in recipe.stages):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+        calibration = calibration_windows(tokenizer, cfg.data.calibration)
     out_root = Path(cfg.output.dir).expanduser().resolve()
     run_dir = out_root / recipe.run_name
     if (run_dir / "report.json").exists() and not (overwrite or cfg.output.overwrite):
@@ -106,7 +118,7 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
         probe.unlink()
     except OSError as e:
         raise UserError(f"output.dir: cannot write to {out_root} ({e.strerror})") from None
-    return Plan(recipe, model_dir, partition, run_dir)
+    return Plan(recipe, model_dir, partition, run_dir, calibration)
 
 
 def start_ray(recipe: Recipe) -> bool:
@@ -124,21 +136,72 @@ def start_ray(recipe: Recipe) -> bool:
     return True
 
 
+class ShardScheduler:
+    """Submits each shard's work to an actor; chains activations from shard to shard.
+
+    Calibrated runs: shard k's input activations are an object ref known when
+    shard k-1 is submitted (its dense outputs in parallel mode, its compressed
+    outputs in sequential mode), so Ray starts shard k as soon as they exist,
+    while earlier shards are still compressing. Activations never pass through
+    the driver.
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        recipe, cluster = plan.recipe, plan.recipe.config.cluster
+        self.stages = recipe.stages
+        self.sequential = recipe.config.partition.calibration == "sequential"
+        config = load_config(plan.model_dir, recipe.config.model.trust_remote_code) if plan.calibrated else None
+        self.actors = [
+            CompressionWorker.options(
+                num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker, max_restarts=cluster.max_restarts
+            ).remote(threads=int(max(1, cluster.cpus_per_worker)), config=config)
+            for _ in range(min(cluster.workers, len(plan.partition.shards)))
+        ]
+        self.inputs: dict[int, ray.ObjectRef] = {}  # shard index -> its input hidden states
+        self.block_kwargs = None
+        if plan.calibrated:
+            partition, calib = plan.partition, plan.calibration
+            self.inputs[0], self.block_kwargs = embed_calibration.remote(
+                str(plan.model_dir), config, list(partition.rest_keys), partition.key_to_file,
+                calib.input_ids, recipe.config.data.calibration.batch_size)
+
+    def submit(self, shard: Shard, actor) -> ray.ObjectRef:
+        """Queue a shard on an actor; returns the ref of its ShardResult."""
+        p = self.plan
+        tensors = read_tensors.remote(str(p.model_dir), list(shard.tensor_keys), p.partition.key_to_file)
+        k = shard.index
+        if not p.calibrated:
+            result, _ = actor.compress.options(num_returns=2).remote(shard, tensors, self.stages)
+            return result
+        dense_out = actor.calibrate.remote(shard, tensors, self.inputs[k], self.block_kwargs, self.stages)
+        if self.sequential:
+            result, self.inputs[k + 1] = actor.compress.options(num_returns=2).remote(
+                shard, tensors, self.stages, self.inputs[k], self.block_kwargs)
+        else:
+            self.inputs[k + 1] = dense_out
+            result, _ = actor.compress.options(num_returns=2).remote(shard, tensors, self.stages)
+        return result
+
+    def done(self, shard: Shard) -> None:
+        """Shard k's inputs are needed by nobody now (a retry would need them): free them."""
+        self.inputs.pop(shard.index, None)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
 def compress_all(plan: Plan, staging: Path, progress: bool) -> tuple[list[dict], dict[str, str], int]:
     """Run every shard on the actors; write each result as it arrives. Returns shard records."""
-    recipe, partition = plan.recipe, plan.partition
-    cluster = recipe.config.cluster
+    partition = plan.partition
+    max_attempts = plan.recipe.config.cluster.max_restarts + 1
     total_files = len(partition.shards) + 1  # the shards, and one file for everything outside the blocks
-    actors = [
-        CompressionWorker.options(
-            num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker, max_restarts=cluster.max_restarts
-        ).remote(threads=int(max(1, cluster.cpus_per_worker)))
-        for _ in range(min(cluster.workers, len(partition.shards)))
-    ]
+    scheduler = ShardScheduler(plan)
     pending = deque(partition.shards)
     attempts = {s.index: 0 for s in partition.shards}
     in_flight: dict = {}
-    idle = list(actors)
+    idle = list(scheduler.actors)
     records: dict[int, dict] = {}
     weight_map: dict[str, str] = {}
     tensor_bytes = 0
@@ -148,21 +211,21 @@ def compress_all(plan: Plan, staging: Path, progress: bool) -> tuple[list[dict],
             while pending and idle:
                 shard, actor = pending.popleft(), idle.pop(0)
                 attempts[shard.index] += 1
-                tensors = read_tensors.remote(str(plan.model_dir), list(shard.tensor_keys), partition.key_to_file)
-                in_flight[actor.compress.remote(shard, tensors, recipe.stages)] = (shard, actor)
+                in_flight[scheduler.submit(shard, actor)] = (shard, actor)
             [done], _ = ray.wait(list(in_flight), num_returns=1)
             shard, actor = in_flight.pop(done)
             idle.append(actor)
             try:
                 result: ShardResult = ray.get(done)
             except (RayActorError, WorkerCrashedError, RayTaskError) as e:
-                if attempts[shard.index] > cluster.max_restarts:
+                if attempts[shard.index] >= max_attempts:
                     raise ShardFailed(f"shard {shard.index} ({', '.join(shard.modules)}) failed "
                                       f"{attempts[shard.index]} times; last error: {str(e).splitlines()[0]}") from e
                 bar.write(f"shard {shard.index}: attempt {attempts[shard.index]} failed "
                           f"({type(e).__name__}); retrying")
                 pending.appendleft(shard)
                 continue
+            scheduler.done(shard)
             fname = shard_file_name(shard.index + 1, total_files)
             tensor_bytes += write_tensors(staging / fname, result.tensors)
             weight_map.update({k: fname for k in result.tensors})
@@ -170,8 +233,7 @@ def compress_all(plan: Plan, staging: Path, progress: bool) -> tuple[list[dict],
             bar.update(1)
     finally:
         bar.close()
-        for actor in actors:
-            ray.kill(actor)
+        scheduler.close()
     return [records[i] for i in sorted(records)], weight_map, tensor_bytes
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orchestrator.errors import UserError
@@ -64,6 +65,7 @@ def perplexity(model_dir: str | Path, cfg: EvalDataConfig, threads: int = 1, dty
     """Load a model folder (dense or compressed) and measure held-out perplexity."""
     start = time.perf_counter()
     torch.set_num_threads(max(1, threads))
+    transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     windows = eval_windows(tokenizer, cfg)  # [n, L]

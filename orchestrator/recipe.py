@@ -43,6 +43,7 @@ class CalibrationDataConfig:
     num_samples: int = 128
     seq_len: int = 128
     seed: int = 0
+    batch_size: int = 8  # windows per forward pass while capturing activations
 
 
 @dataclass
@@ -203,6 +204,7 @@ def check_values(c: RecipeConfig) -> None:
         (c.data.eval.batch_size >= 1, "data.eval.batch_size", "must be >= 1"),
         (c.data.calibration.num_samples >= 1, "data.calibration.num_samples", "must be >= 1"),
         (c.data.calibration.seq_len >= 8, "data.calibration.seq_len", "must be >= 8"),
+        (c.data.calibration.batch_size >= 1, "data.calibration.batch_size", "must be >= 1"),
         (c.partition.blocks_per_shard >= 1, "partition.blocks_per_shard", "must be >= 1"),
         (c.partition.calibration in ("parallel", "sequential"), "partition.calibration",
          "must be parallel or sequential"),

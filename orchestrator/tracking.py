@@ -6,6 +6,7 @@ warning says so and the run folder keeps everything.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ def log_run(recipe: Recipe, report: dict, run_folder: Path, write_report) -> dic
     try:
         import mlflow
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO chatter about tables
         mlflow.set_tracking_uri(cfg.uri)
         mlflow.set_experiment(cfg.experiment)
         tags = {

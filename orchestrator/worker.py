@@ -10,10 +10,12 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import ray
 import torch
 
+from orchestrator.capture import BlockInputs, HessianSet, block_class_of, build_blocks, run_blocks
 from orchestrator.partition import LinearLayer, Shard
 from orchestrator.recipe import Stage
 
@@ -38,13 +40,19 @@ class ShardResult:
     worker: dict = field(default_factory=dict)  # node, pid, device
 
 
-def compress_layer(W: torch.Tensor, name: str, stages: list[Stage]) -> tuple[torch.Tensor, LayerMetrics]:
-    """W [out, in] float32 -> (compressed W [out, in], metrics). Stages run in recipe order."""
+def compress_layer(
+    W: torch.Tensor, name: str, stages: list[Stage], H: torch.Tensor | None = None
+) -> tuple[torch.Tensor, LayerMetrics]:
+    """W [out, in] float32 -> (compressed W [out, in], metrics). Stages run in recipe order.
+
+    H: the layer's [in, in] float64 input Hessian (techniques/hessian.py), or None
+    when no calibration statistics are available.
+    """
     W_hat, keep, quant, methods = W, None, None, []
     for stage in stages:
         if not stage.applies_to(name):
             continue
-        result = stage.technique.apply(W_hat, stage.params)
+        result = stage.technique.apply(W_hat, stage.params, H)
         W_hat = result.weight
         if result.mask is not None:
             keep = result.mask if keep is None else keep & result.mask
@@ -65,7 +73,8 @@ def compress_layer(W: torch.Tensor, name: str, stages: list[Stage]) -> tuple[tor
     )
 
 
-def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[Stage]) -> ShardResult:
+def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[Stage],
+                   hessian_of: Callable[[str], torch.Tensor | None] = lambda name: None) -> ShardResult:
     """All of a shard's tensors in -> the same keys out, targeted Linear weights compressed."""
     start = time.perf_counter()
     out = dict(tensors)
@@ -73,9 +82,9 @@ def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[
     for layer in shard.linears:
         if not any(s.applies_to(layer.name) for s in stages):
             continue
-        W = as_out_in(tensors[layer.weight_key], layer).float()
-        W_hat, m = compress_layer(W, layer.name, stages)
         original = tensors[layer.weight_key]
+        W = as_out_in(original, layer).float()
+        W_hat, m = compress_layer(W, layer.name, stages, hessian_of(layer.name))
         out[layer.weight_key] = (W_hat.T if layer.transposed else W_hat).to(original.dtype).contiguous()
         metrics.append(m)
     return ShardResult(shard.index, out, metrics, time.perf_counter() - start)
@@ -88,10 +97,20 @@ def as_out_in(weight: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
 
 @ray.remote
 class CompressionWorker:
-    """A Ray actor that compresses the shards it is given, on CUDA if it was granted a GPU."""
+    """A Ray actor that compresses the shards it is given, on CUDA if it was granted a GPU.
 
-    def __init__(self, threads: int):
+    Data-free stages need one call, `compress`. Calibration-aware stages need two:
+    `calibrate` runs the shard's blocks over its input activations, keeps the
+    layers' Hessians here and returns the blocks' outputs (the next shard's
+    inputs in parallel mode) at once; `compress` then uses the Hessians and, in
+    sequential mode, returns the compressed blocks' outputs instead.
+    """
+
+    def __init__(self, threads: int, config=None):
         torch.set_num_threads(max(1, threads))
+        self.config = config
+        self.block_class = block_class_of(config) if config is not None else None
+        self.calibrated: dict[int, HessianSet] = {}
         self.device = "cpu"
         if ray.get_gpu_ids():
             if torch.cuda.is_available():
@@ -99,11 +118,28 @@ class CompressionWorker:
             else:
                 warnings.warn("Ray granted this worker a GPU but CUDA is not available; compressing on the CPU")
 
-    def compress(self, shard: Shard, tensors: dict[str, torch.Tensor], stages: list[Stage]) -> ShardResult:
-        result = compress_shard(shard, tensors, stages)
+    def calibrate(self, shard: Shard, tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor],
+                  kwargs: list[dict], stages: list[Stage]) -> list[torch.Tensor]:
+        """Hessians of the layers that need them, kept here; returns the dense blocks' outputs."""
+        blocks = build_blocks(self.config, shard, tensors, self.block_class)
+        wanted = [layer for layer in shard.linears
+                  if any(s.technique.needs_calibration and s.applies_to(layer.name) for s in stages)]
+        outputs, self.calibrated[shard.index] = run_blocks(blocks, BlockInputs(hidden, kwargs), shard, wanted)
+        return outputs
+
+    def compress(self, shard: Shard, tensors: dict[str, torch.Tensor], stages: list[Stage],
+                 hidden: list[torch.Tensor] | None = None,
+                 kwargs: list[dict] | None = None) -> tuple[ShardResult, list[torch.Tensor] | None]:
+        """-> (result, the compressed blocks' outputs on `hidden` when given (sequential mode), else None)."""
+        hessians = self.calibrated.pop(shard.index, None)
+        result = compress_shard(shard, tensors, stages, hessians.of if hessians else (lambda name: None))
+        outputs = None
+        if hidden is not None:
+            blocks = build_blocks(self.config, shard, result.tensors, self.block_class)
+            outputs, _ = run_blocks(blocks, BlockInputs(hidden, kwargs))
         ctx = ray.get_runtime_context()
         result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": self.device}
-        return result
+        return result, outputs
 
 
 @ray.remote
@@ -112,3 +148,14 @@ def read_tensors(model_dir: str, keys: list[str], key_to_file: dict[str, str]) -
     from orchestrator.checkpoint import read_keys
 
     return read_keys(model_dir, keys, key_to_file)
+
+
+@ray.remote(num_returns=2)
+def embed_calibration(model_dir: str, config, stem_keys: list[str], key_to_file: dict[str, str],
+                      input_ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """The first block's inputs for the calibration ids: (hidden states per batch, block kwargs per batch)."""
+    from orchestrator.capture import capture_block_inputs
+    from orchestrator.checkpoint import read_keys
+
+    inputs = capture_block_inputs(config, read_keys(model_dir, stem_keys, key_to_file), input_ids, batch_size)
+    return inputs.hidden, inputs.kwargs

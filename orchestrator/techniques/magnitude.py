@@ -66,8 +66,8 @@ def keep_mask_n_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 @register("magnitude", "prune", PruneParams)
-def magnitude(W: torch.Tensor, p: PruneParams) -> LayerResult:
-    """W [out, in] -> W with its smallest |w| zeroed, over the whole layer or per N:M group."""
+def magnitude(W: torch.Tensor, p: PruneParams, H: torch.Tensor | None = None) -> LayerResult:
+    """W [out, in] -> W with its smallest |w| zeroed, over the whole layer or per N:M group. H is ignored."""
     score = W.abs()
     keep = keep_mask_n_m(score, *p.n_m) if p.n_m else keep_mask_unstructured(score, p.sparsity)
     return LayerResult(weight=W * keep, mask=keep)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,3 +15,4 @@ class LayerResult:
     mask: torch.Tensor | None = None  # [out, in] bool, True = kept (pruning)
     quant: QuantParams | None = None  # scales and zeros (quantization)
     qweight: torch.Tensor | None = None  # [out, in] int32 integers on the grid (quantization)
+    stats: dict = field(default_factory=dict)  # per-layer numbers, e.g. GPTQ's damping and loss

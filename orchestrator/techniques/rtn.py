@@ -13,7 +13,7 @@ from orchestrator.techniques.result import LayerResult
 
 @dataclass
 class QuantizeParams:
-    """Weight quantization settings shared by RTN and (later) GPTQ."""
+    """Weight quantization settings shared by RTN and GPTQ (and SparseGPT's optional quantization)."""
 
     bits: int = 4
     group_size: int = 128  # columns sharing one scale; -1 = one scale per output channel
@@ -28,8 +28,8 @@ class QuantizeParams:
 
 
 @register("rtn", "quantize", QuantizeParams)
-def rtn(W: torch.Tensor, p: QuantizeParams) -> LayerResult:
-    """W [out, in] -> the nearest grid point of every weight, group by group."""
+def rtn(W: torch.Tensor, p: QuantizeParams, H: torch.Tensor | None = None) -> LayerResult:
+    """W [out, in] -> the nearest grid point of every weight, group by group. H is ignored (data-free)."""
     group_size = W.shape[1] if p.group_size == -1 else p.group_size
     Wg = group_view(W, group_size)  # [out, n_groups, g]
     scale, zero = fit_qparams(Wg, p.bits, p.symmetric)  # [out, n_groups] each

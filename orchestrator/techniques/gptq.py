@@ -1,0 +1,163 @@
+"""GPTQ: weight quantization that corrects the rounding error with the layer's inputs.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (2022). Per output row, minimise
+||w X^T - q X^T||^2 = (w - q) H (w - q)^T / 2 (H from hessian.py): quantize the
+columns one after another and, after each, spread its rounding error over the
+columns not yet quantized with the optimal (OBS) update
+
+    err = (w_j - q_j) / [H_F^-1]_jj,    w_F -= err * [H_F^-1]_{j,F}
+
+where F are the columns still free. Every row shares the same H, so the update
+is one outer product per column. Three tricks of the paper make it fast and
+stable, all used here:
+- the rows of the upper Cholesky factor U of H^-1 are exactly the updates above
+  (row j of U divided by U_jj), so H^-1 is never re-derived column by column;
+- lazy batches: the columns of a block of `block_size` are updated right away,
+  the rest of W once per block with one matmul;
+- damping: lambda = damp * mean(diag(H)) is added to diag(H) before inverting.
+
+Grid parameters (grid.py's signed integers, so export can pack them as is):
+- group_size == -1 or act_order=False: a group's scale / zero are fitted when
+  the sweep reaches the group's first column, on the weights as updated so far
+  (the whole group sees every update from the columns before it, also when the
+  group extends past the current block: the pending lazy update is applied to
+  a copy first, so the result does not depend on block_size);
+- act_order=True: columns are processed by decreasing diag(H), and every
+  group's scale / zero are fitted on the original W before any update ("static
+  groups"): column c stays in group c // group_size, so the export needs no
+  g_idx. With group_size == -1 this is the same as the first rule.
+
+All arithmetic runs in float64; the scales are float32, as stored, and the
+weights are quantized against exactly those scales, so
+dequantize(qweight, scale, zero) reproduces `weight` bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, group_view, quantize
+from orchestrator.techniques.hessian import inverse_hessian_cholesky, prepare
+from orchestrator.techniques.registry import register
+from orchestrator.techniques.result import LayerResult
+from orchestrator.techniques.rtn import QuantizeParams
+
+
+def check_block_damp(block_size: int, damp: float) -> None:
+    """The settings GPTQ and SparseGPT share beyond the grid's."""
+    if block_size <= 0:
+        raise ValueError(f"block_size: must be > 0, got {block_size}")
+    if not damp > 0:
+        raise ValueError(f"damp: must be > 0 (a fraction of the mean diagonal of H), got {damp}")
+
+
+@dataclass
+class GPTQParams(QuantizeParams):
+    """QuantizeParams' grid (bits, group_size, symmetric) plus GPTQ's own settings."""
+
+    block_size: int = 128  # columns per lazy batch
+    damp: float = 0.01  # added to diag(H), as a fraction of its mean
+    act_order: bool = False  # process columns by decreasing diag(H)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_block_damp(self.block_size, self.damp)
+
+
+def group_width(in_features: int, group_size: int) -> int:
+    """Columns per quantization group: in_features for -1 (per channel)."""
+    g = in_features if group_size == -1 else group_size
+    if in_features % g:
+        raise ValueError(f"group_size {group_size} does not divide the layer's {in_features} input features")
+    return g
+
+
+def updated_columns(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor,
+                    i1: int, i2: int, start: int, stop: int) -> torch.Tensor:
+    """Columns [start, stop) of W with every update so far applied -> [out, stop - start].
+
+    i1 <= start < i2 is inside the current block, whose columns W1 [out, i2 - i1]
+    are up to date. Columns past i2 still lack this block's lazy update
+    -Err1 U[i1:i2, i2:]; it is applied here to a copy (Err1's columns not yet
+    processed are 0, so they add nothing).
+    """
+    inside = W1[:, start - i1:min(stop, i2) - i1]  # [out, <= stop - start]
+    if stop <= i2:
+        return inside
+    beyond = W[:, i2:stop] - Err1 @ U[i1:i2, i2:stop]  # [out, stop - i2]
+    return torch.cat([inside, beyond], dim=1)
+
+
+def dequantize_groups(qweight: torch.Tensor, quant: QuantParams) -> torch.Tensor:
+    """qweight [out, in] int32 -> [out, in] in the scales' dtype (float32)."""
+    q = group_view(qweight, quant.group_size)  # [out, n_groups, g]
+    return dequantize(q, quant.scale[..., None], quant.zero[..., None]).reshape(qweight.shape)
+
+
+@register("gptq", "quantize", GPTQParams, needs_calibration=True)
+def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
+    """W [out, in] float32, H [in, in] -> W quantized on the grid with GPTQ's error feedback.
+
+    stats: damp (the relative damping that made H invertible), damp_raised (it
+    had to be raised above p.damp), loss (the paper's sum over columns of
+    (w - q)^2 / [H_F^-1]_jj / 2: the objective (W - W_hat) H (W - W_hat)^T / 2
+    summed over rows, with H damped, i.e. the mean over calibration tokens of
+    ||(W - W_hat) x||^2 plus the damping term), dead_columns (inputs that were 0
+    on every calibration token; their weights are set to 0).
+    """
+    out_features, in_features = W.shape
+    g = group_width(in_features, p.group_size)
+    n_groups = in_features // g
+    W, H, dead = prepare(W, H, "gptq")  # float64 copies, dead inputs zeroed
+
+    static = p.act_order  # fit every group up front, on the original W
+    if static:
+        scale, zero = fit_qparams(group_view(W, g).float(), p.bits, p.symmetric)  # [out, n_groups] each
+    else:
+        scale = torch.ones(out_features, n_groups, dtype=torch.float32, device=W.device)
+        zero = torch.zeros(out_features, n_groups, dtype=torch.int32, device=W.device)
+
+    perm = None
+    if p.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # [in]: position -> column
+        W, H = W[:, perm], H[perm][:, perm]
+    column = perm.tolist() if perm is not None else list(range(in_features))  # position -> original column
+
+    U, damp, raised = inverse_hessian_cholesky(H, p.damp, "gptq")  # [in, in] upper
+    qweight = torch.zeros(out_features, in_features, dtype=torch.int32, device=W.device)  # by position
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+
+    for i1 in range(0, in_features, p.block_size):
+        i2 = min(i1 + p.block_size, in_features)
+        W1 = W[:, i1:i2].clone()  # [out, B] the block, updated as it goes
+        Err1 = torch.zeros_like(W1)  # [out, B] scaled errors, for the lazy update of the rest
+        U1 = U[i1:i2, i1:i2]  # [B, B]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not static and j % g == 0:  # first column of a group: fit it as it is now
+                cols = updated_columns(W, W1, Err1, U, i1, i2, j, j + g)  # [out, g]
+                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric)
+            k = column[j] // g  # the column's group (its original index, also under act_order)
+            s, z = scale[:, k].double(), zero[:, k]  # [out]
+            w = W1[:, i]  # [out]
+            d = U1[i, i]
+            q = quantize(w, s, z, p.bits)  # [out] int32
+            qweight[:, j] = q
+            err = (w - dequantize(q, s, z)) / d  # [out]
+            loss += err.square().sum() / 2
+            W1[:, i:] -= torch.outer(err, U1[i, i:])  # OBS update of the block's remaining columns
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy update of everything after the block
+
+    if perm is not None:
+        qweight = qweight[:, torch.argsort(perm)]  # back to the original column order
+    quant = QuantParams(scale, zero, p.bits, g, p.symmetric)
+    return LayerResult(
+        weight=dequantize_groups(qweight, quant),
+        quant=quant,
+        qweight=qweight,
+        stats={"damp": damp, "damp_raised": raised, "loss": loss.item(), "dead_columns": int(dead.sum())},
+    )

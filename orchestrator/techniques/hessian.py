@@ -1,0 +1,96 @@
+"""The layer-input statistics the calibration-aware techniques need.
+
+For a Linear layer y = W x with W [out, in], the GPTQ / SparseGPT objective
+||W X^T - W_hat X^T||^2 over the n calibration tokens x_k (the rows of X
+[n, in]) has, per output row, the Hessian
+
+    H = (2/n) * sum_k x_k x_k^T    [in, in], float64
+
+(the 1/n keeps it on the scale of one token, so damping relative to its mean
+diagonal does not depend on how much data was seen). Wanda's per-feature norm
+is read off its diagonal: ||X_j||_2^2 = diag(H)_j * n / 2.
+
+`accumulate_hessian` builds H batch by batch; `inverse_hessian_cholesky` is the
+damped factorisation GPTQ and SparseGPT both start from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold the tokens X [..., in] into H [in, in] (the mean over n tokens so far) -> (H, n + tokens).
+
+    A running mean in float64: H_new = H * n / (n + t) + (2 / (n + t)) X^T X, so
+    the result is (2 / N) sum x x^T over all N tokens seen, whatever the batching
+    (up to float64 rounding). No randomness, so it is deterministic on a device.
+    """
+    X = X.reshape(-1, X.shape[-1]).to(torch.float64)  # [t, in]
+    t = X.shape[0]
+    if H is None:
+        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+    elif H.shape != (X.shape[1], X.shape[1]):
+        raise ValueError(f"H is {tuple(H.shape)} but the inputs have {X.shape[1]} features")
+    if t == 0:
+        return H, n
+    H = H.to(torch.float64) * (n / (n + t)) + (2.0 / (n + t)) * (X.T @ X)  # [in, in]
+    return H, n + t
+
+
+def prepare(W: torch.Tensor, H: torch.Tensor | None, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copies of W [out, in] and H [in, in] in float64, with the dead inputs handled.
+
+    A dead input (diag(H) == 0: the feature was 0 on every calibration token)
+    cannot be measured: its weights are set to 0 (they never contributed on the
+    calibration data) and H gets 1 on that diagonal entry so it stays invertible.
+    Returns (W, H, dead [in] bool). The caller's tensors are not modified.
+    """
+    if H is None:
+        raise ValueError(f"{method} needs calibration statistics: H (the layer's input Hessian) is None")
+    out_features, in_features = W.shape
+    if H.shape != (in_features, in_features):
+        raise ValueError(f"{method}: H is {tuple(H.shape)}, expected [{in_features}, {in_features}] for W {tuple(W.shape)}")
+    if not torch.isfinite(H).all():
+        raise RuntimeError(f"{method}: H has NaN or infinite entries; the calibration statistics are broken")
+    W = W.to(torch.float64).clone()  # [out, in]
+    H = H.to(device=W.device, dtype=torch.float64).clone()  # [in, in]
+    dead = H.diagonal() == 0  # [in]
+    H.diagonal()[dead] = 1
+    W[:, dead] = 0
+    return W, H, dead
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float, method: str, tries: int = 7) -> tuple[torch.Tensor, float, bool]:
+    """H [in, in] float64 -> (U [in, in] upper, damp used, damp raised).
+
+    U is the upper Cholesky factor of (H + lambda I)^-1, lambda = damp * mean(diag(H)):
+    row j of U, divided by U[j, j], is the OBS update direction for column j once
+    columns 0..j-1 have been fixed, and U[j, j]^2 is that step's [H^-1]_jj. This is
+    what lets GPTQ / SparseGPT process columns in order without re-inverting H.
+
+    H from real inputs is positive semi-definite, but rank deficiency and float
+    error can still make the factorisation fail. Then the relative damping is
+    multiplied by 10 and the factorisation retried, up to `tries` attempts in all.
+    """
+    mean_diag = H.diagonal().mean().item()
+    if not mean_diag > 0:
+        raise RuntimeError(
+            f"{method}: the Hessian's mean diagonal is {mean_diag}; H = 2/n sum x x^T cannot have that, "
+            "the calibration statistics are broken"
+        )
+    rel = damp
+    for attempt in range(tries):
+        Hd = H.clone()
+        Hd.diagonal().add_(rel * mean_diag)  # H + lambda I
+        L, info = torch.linalg.cholesky_ex(Hd)  # H + lambda I = L L^T
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)  # (H + lambda I)^-1
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # Hinv = U^T U
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, rel, attempt > 0
+        rel *= 10
+    raise RuntimeError(
+        f"{method}: the Hessian is not positive definite even with damping {rel / 10:g} x mean(diag(H)) "
+        f"(started at {damp:g}, raised x10 {tries - 1} times); the calibration statistics are broken"
+    )

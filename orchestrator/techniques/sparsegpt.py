@@ -1,0 +1,145 @@
+"""SparseGPT: one-shot pruning with OBS weight reconstruction, optionally quantizing too.
+
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot" (2023). The same column sweep as GPTQ (gptq.py: upper
+Cholesky factor U of the damped H^-1, lazy batches of `block_size` columns),
+but the value each weight is fixed to is 0 for the pruned ones and the weight
+itself (or, with `bits`, its grid point) for the kept ones; the error is then
+spread over the columns not yet fixed:
+
+    err = (w_j - q_j) / U_jj,    w_F -= err * U_{j,F}
+
+Mask selection (adaptive, as in the paper), with score w^2 / U_jj^2 (U_jj^2 is
+[H_F^-1]_jj, so the score is the OBS saliency of removing w at that point):
+- unstructured: at the start of each block, on the block's weights as updated
+  so far, the lowest-scoring weights of the whole block [out, B] are pruned;
+- N:M: when the sweep reaches the first column of each group of M inputs, the
+  M - N lowest-scoring weights of each row of the group (as updated so far) are
+  pruned.
+
+Exact sparsity (unstructured). The paper prunes the fraction `sparsity` of each
+block through a threshold, so the layer's count is off by rounding and ties.
+Here block [i1, i2) prunes exactly round(s * out * i2) - round(s * out * i1)
+weights (its share of the cumulative target), so the counts telescope to
+exactly round(s * out * in) = round(sparsity * numel) for the layer, while each
+block, and each row within it, still adapts to where the saliency is low (a
+per-row quota would take that freedom away). Ties go by position.
+
+Joint quantization (`bits` set): each kept weight is replaced by its grid point
+(grid.py) in the same pass, so quantization error is compensated along with
+the pruning error. Group scales are fitted as in GPTQ with act_order off: when
+the sweep reaches the group's first column, on the group's weights as updated
+so far, with the weights already chosen for pruning counted as 0 (the asymmetric
+and symmetric grids both hold 0 exactly, so pruned weights stay exactly 0:
+their integer is the zero point). A kept weight may still round to 0; `mask`
+says what was kept. With sparsity 0 the sweep is GPTQ's, step for step, and
+gives the same integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from orchestrator.techniques.gptq import check_block_damp, dequantize_groups, group_width, updated_columns
+from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, quantize
+from orchestrator.techniques.hessian import inverse_hessian_cholesky, prepare
+from orchestrator.techniques.magnitude import PruneParams
+from orchestrator.techniques.registry import register
+from orchestrator.techniques.result import LayerResult
+from orchestrator.techniques.rtn import QuantizeParams
+
+
+@dataclass
+class SparseGPTParams(PruneParams):
+    """PruneParams' sparsity / pattern, the sweep's settings, and optional quantization."""
+
+    block_size: int = 128  # columns per lazy batch (and per unstructured mask selection)
+    damp: float = 0.01  # added to diag(H), as a fraction of its mean
+    bits: Optional[int] = None  # set: quantize the kept weights in the same pass
+    group_size: int = 128  # as QuantizeParams, used when bits is set
+    symmetric: bool = True  # as QuantizeParams, used when bits is set
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_block_damp(self.block_size, self.damp)
+        if self.bits is not None:
+            QuantizeParams(self.bits, self.group_size, self.symmetric)  # raises "bits: ..." / "group_size: ..."
+
+
+@register("sparsegpt", "prune", SparseGPTParams, needs_calibration=True)
+def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> LayerResult:
+    """W [out, in] float32, H [in, in] -> W pruned (and quantized) with OBS reconstruction.
+
+    stats: damp, damp_raised, loss, dead_columns, as gptq's.
+    """
+    out_features, in_features = W.shape
+    W_in = W
+    nm = p.n_m
+    if nm is not None and in_features % nm[1]:
+        raise ValueError(f"pattern {p.pattern}: M={nm[1]} does not divide the layer's {in_features} input features")
+    g = group_width(in_features, p.group_size) if p.bits is not None else None
+    W, H, dead = prepare(W, H, "sparsegpt")  # float64 copies, dead inputs zeroed
+    if nm is None and p.sparsity == 0 and p.bits is None:
+        return LayerResult(weight=W_in.clone(), mask=torch.ones_like(W_in, dtype=torch.bool))
+
+    U, damp, raised = inverse_hessian_cholesky(H, p.damp, "sparsegpt")  # [in, in] upper
+    pruned = torch.zeros(out_features, in_features, dtype=torch.bool, device=W.device)  # decided so far
+    Q = torch.zeros_like(W)  # [out, in] the fixed values (float64)
+    if g is not None:
+        n_groups = in_features // g
+        scale = torch.ones(out_features, n_groups, dtype=torch.float32, device=W.device)
+        zero = torch.zeros(out_features, n_groups, dtype=torch.int32, device=W.device)
+        qweight = torch.zeros(out_features, in_features, dtype=torch.int32, device=W.device)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+
+    def prune_upto(c: int) -> int:  # unstructured: weights pruned in columns [0, c)
+        return round(p.sparsity * out_features * c)
+
+    for i1 in range(0, in_features, p.block_size):
+        i2 = min(i1 + p.block_size, in_features)
+        W1 = W[:, i1:i2].clone()  # [out, B] the block, updated as it goes
+        Err1 = torch.zeros_like(W1)  # [out, B]
+        U1 = U[i1:i2, i1:i2]  # [B, B]
+        if nm is None:
+            n_prune = prune_upto(i2) - prune_upto(i1)
+            if n_prune:
+                score = W1.square() / U1.diagonal().square()[None, :]  # [out, B]
+                lowest = torch.sort(score.flatten(), stable=True).indices[:n_prune]
+                M1 = torch.zeros(W1.numel(), dtype=torch.bool, device=W.device)
+                M1[lowest] = True
+                pruned[:, i1:i2] = M1.reshape(W1.shape)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if nm is not None and j % nm[1] == 0:  # first column of an N:M group
+                n, m = nm
+                cols = updated_columns(W, W1, Err1, U, i1, i2, j, j + m)  # [out, m]
+                score = cols.square() / U.diagonal()[j:j + m].square()[None, :]  # [out, m]
+                lowest = torch.sort(score, dim=1, stable=True).indices[:, :m - n]  # [out, m - n]
+                pruned[:, j:j + m] = torch.zeros_like(cols, dtype=torch.bool).scatter_(1, lowest, True)
+            if g is not None and j % g == 0:  # first column of a quantization group
+                cols = updated_columns(W, W1, Err1, U, i1, i2, j, j + g).masked_fill(pruned[:, j:j + g], 0)
+                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric)
+            w = W1[:, i]  # [out]
+            d = U1[i, i]
+            q = w.masked_fill(pruned[:, j], 0)  # [out]
+            if g is not None:
+                s, z = scale[:, j // g].double(), zero[:, j // g]
+                qi = quantize(q, s, z, p.bits)  # pruned -> the zero point
+                qweight[:, j] = qi
+                q = dequantize(qi, s, z)
+            Q[:, j] = q
+            err = (w - q) / d  # [out]
+            loss += err.square().sum() / 2
+            W1[:, i:] -= torch.outer(err, U1[i, i:])
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    keep = ~pruned
+    stats = {"damp": damp, "damp_raised": raised, "loss": loss.item(), "dead_columns": int(dead.sum())}
+    if g is None:
+        return LayerResult(weight=Q.to(W_in.dtype), mask=keep, stats=stats)
+    quant = QuantParams(scale, zero, p.bits, g, p.symmetric)
+    return LayerResult(weight=dequantize_groups(qweight, quant), mask=keep, quant=quant, qweight=qweight, stats=stats)
