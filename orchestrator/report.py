@@ -39,6 +39,7 @@ def build(plan, shards: list[dict], quality: dict, phases: dict, started: float,
             "format": "dense safetensors (fake-quantized: weights on the grid, stored in the original dtype)",
         },
         "quality": quality,
+        "calibration": calibration_summary(plan),
         "compression": {
             "layers": len(layers),
             "mean_relative_error": sum(l["relative_error"] for l in layers) / max(1, len(layers)),
@@ -54,6 +55,15 @@ def build(plan, shards: list[dict], quality: dict, phases: dict, started: float,
         "shards": shards,
         "mlflow": None,
     }
+
+
+def calibration_summary(plan) -> dict | None:
+    if plan.calibration is None:
+        return None
+    cfg = plan.recipe.config
+    return {"source": cfg.data.calibration.source, "num_samples": int(plan.calibration.input_ids.shape[0]),
+            "seq_len": int(plan.calibration.input_ids.shape[1]), "seed": cfg.data.calibration.seed,
+            "mode": cfg.partition.calibration, "sha256": plan.calibration.sha256}
 
 
 def write(run_dir: Path, data: dict) -> None:

@@ -52,6 +52,9 @@ def log_run(recipe: Recipe, report: dict, run_folder: Path, write_report) -> dic
             "methods": "+".join(s.technique.name for s in recipe.stages),
             "recipe_hash": recipe.hash,
         }
+        if report.get("calibration"):
+            tags["calibration_sha256"] = report["calibration"]["sha256"]
+            tags["calibration_mode"] = report["calibration"]["mode"]
         for s in recipe.stages:
             for key in ("bits", "group_size", "sparsity", "pattern"):
                 if hasattr(s.params, key):
