@@ -48,6 +48,7 @@ class Plan:
     partition: Partition
     run_dir: Path
     calibration: Calibration | None  # token windows, when a stage needs calibration
+    seconds: float  # spent planning (a reference model's first build included)
 
     @property
     def calibrated(self) -> bool:
@@ -98,6 +99,7 @@ def check_stages(stages: list[Stage], partition: Partition) -> None:
 
 def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> Plan:
     cfg = recipe.config
+    t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model.path, progress)
     partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code)
     check_stages(recipe.stages, partition)
@@ -118,7 +120,7 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
         probe.unlink()
     except OSError as e:
         raise UserError(f"output.dir: cannot write to {out_root} ({e.strerror})") from None
-    return Plan(recipe, model_dir, partition, run_dir, calibration)
+    return Plan(recipe, model_dir, partition, run_dir, calibration, time.perf_counter() - t0)
 
 
 def start_ray(recipe: Recipe) -> bool:
@@ -266,7 +268,8 @@ def run(plan: Plan, progress: bool = True) -> dict:
     from orchestrator import evaluate, report, tracking
 
     recipe, timer, started = plan.recipe, Timer(), time.time()
-    t0 = time.perf_counter()
+    timer.add("plan", plan.seconds)
+    t0 = time.perf_counter() - plan.seconds
     partial = plan.run_dir.with_name(f".{plan.run_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     staging = partial / "model"

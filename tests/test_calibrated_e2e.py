@@ -69,3 +69,14 @@ def test_parallel_and_sequential_both_run_and_differ(tmp_path, micro_lm, shared_
     last = lambda r: r["shards"][-1]["error"]
     assert first(parallel) == first(sequential)  # shard 0 sees the same (dense) inputs either way
     assert last(parallel) != last(sequential)  # later shards see the compressed model's activations
+
+
+def test_calibrated_output_bytes_do_not_depend_on_worker_count(tmp_path, micro_lm, shared_ray):
+    from orchestrator.checkpoint import file_sha256
+
+    one = run("sparsegpt-2of4-w4g128", tmp_path / "one", micro_lm, "cluster.workers=1")
+    two = run("sparsegpt-2of4-w4g128", tmp_path / "two", micro_lm, "cluster.workers=2")
+    files = sorted(p.name for p in (two["dir"] / "model").glob("*.safetensors"))
+    assert len(files) == 3
+    for name in files:
+        assert file_sha256(one["dir"] / "model" / name) == file_sha256(two["dir"] / "model" / name), name
