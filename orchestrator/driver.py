@@ -283,8 +283,8 @@ def run(plan: Plan, progress: bool = True) -> dict:
         eval_cfg = recipe.config.data.eval
         threads = int(max(1, recipe.config.cluster.cpus_per_worker))
         evaluate_remote = ray.remote(num_cpus=1)(evaluate.perplexity)
-        is_lm = plan.partition.task == CAUSAL_LM
-        dense_ref = evaluate_remote.remote(str(plan.model_dir), eval_cfg, threads) if is_lm else None
+        measure_perplexity = plan.partition.task == CAUSAL_LM and eval_cfg.enabled
+        dense_ref = evaluate_remote.remote(str(plan.model_dir), eval_cfg, threads) if measure_perplexity else None
 
         t = time.perf_counter()
         shards, weight_map, tensor_bytes = compress_all(plan, staging, progress)
@@ -297,7 +297,7 @@ def run(plan: Plan, progress: bool = True) -> dict:
 
         t = time.perf_counter()
         quality = {"dense": None, "compressed": None}
-        if is_lm:
+        if measure_perplexity:
             compressed_ref = evaluate_remote.remote(str(staging), eval_cfg, threads)
             dense, compressed = ray.get([dense_ref, compressed_ref])
             quality = {"dense": dense.summary(), "compressed": compressed.summary()}

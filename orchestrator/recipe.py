@@ -31,6 +31,7 @@ class ModelConfig:
 
 @dataclass
 class EvalDataConfig:
+    enabled: bool = True  # false: skip perplexity (e.g. when timing compression alone)
     source: str = "reference"  # "reference" (held-out split of the reference corpus) or a .txt file
     seq_len: int = 128  # tokens per non-overlapping window
     max_windows: int = 64  # cap on windows evaluated (0 = all)
