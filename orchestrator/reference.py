@@ -84,10 +84,10 @@ REFERENCE_MODELS: dict[str, ReferenceSpec] = {
         num_kv_heads=4,
         intermediate_size=768,
         seq_len=128,
-        batch_size=16,
-        steps=400,
-        learning_rate=2e-3,
-        warmup_steps=40,
+        batch_size=8,
+        steps=800,
+        learning_rate=1e-3,
+        warmup_steps=80,
         weight_decay=0.1,
         seed=0,
     ),
@@ -101,9 +101,9 @@ REFERENCE_MODELS: dict[str, ReferenceSpec] = {
         intermediate_size=256,
         seq_len=64,
         batch_size=8,
-        steps=40,
+        steps=100,
         learning_rate=3e-3,
-        warmup_steps=4,
+        warmup_steps=10,
         weight_decay=0.1,
         seed=0,
     ),
@@ -255,6 +255,7 @@ def _deterministic_torch(seed: int) -> Iterator[None]:
     """Seeded RNG, deterministic kernels and a fixed thread count; global state restored on exit."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
@@ -263,7 +264,7 @@ def _deterministic_torch(seed: int) -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(deterministic)
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _new_model(spec: ReferenceSpec, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:

@@ -91,3 +91,9 @@ def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
         proc = run_cli(*args, cwd=tmp_path, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def test_overrides_may_follow_flags(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    assert main(["run", str(path), "--quiet", "cluster.workers=0"]) == 2
+    assert "cluster.workers" in capsys.readouterr().err
