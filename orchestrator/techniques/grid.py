@@ -3,8 +3,10 @@
 Conventions (kept identical everywhere so export can pack the integers as is):
 - integers q live in the signed range [-2^(b-1), 2^(b-1) - 1];
 - the real value is (q - zero) * scale;
-- symmetric: zero = 0 and scale = absmax / (2^(b-1) - 1), so the grid is
-  idempotent (quantizing a quantized tensor returns it) and 0 is exact;
+- symmetric: zero = 0 and scale = absmax / ((2^b - 1) / 2), the convention of
+  GPTQ's reference code and compressed-tensors: all 2^b levels are used and the
+  positive extreme is clipped by at most half a step (at 3 bits this beats
+  absmax / (2^(b-1) - 1), which wastes a level, by a clear margin);
 - asymmetric: the range [min(w, 0), max(w, 0)] is spread over all 2^b levels,
   zero is an integer in the range, so 0 is still exact (pruned weights stay 0).
 """
@@ -40,7 +42,7 @@ def fit_qparams(Wg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Ten
     qmin, qmax = int_range(bits)
     if symmetric:
         absmax = Wg.abs().amax(dim=-1)
-        scale = absmax / qmax
+        scale = absmax / ((qmax - qmin) / 2)
         zero = torch.zeros_like(scale, dtype=torch.int32)
     else:
         lo = Wg.amin(dim=-1).clamp(max=0)
