@@ -1,0 +1,481 @@
+"""Side by side: our `orchestrator run` against llm-compressor's `oneshot`, same model, same calibration ids.
+
+Runs in the project's venv; llm-compressor runs in its own (benchmarks/.peer-venv,
+made by benchmarks/setup_peer.sh) through benchmarks/peer_llmcompressor.py.
+
+    .venv/bin/python benchmarks/compare_llmcompressor.py                 # tiny-lm, all five cases
+    .venv/bin/python benchmarks/compare_llmcompressor.py --model reference:micro-lm \
+        --calib-samples 16 --calib-seq-len 64 --eval-seq-len 64 --out benchmarks/results-micro.md
+    .venv/bin/python benchmarks/compare_llmcompressor.py --timing-model  # >= 100M random Llama, GPTQ W4 g128, timing only
+
+Per case (recipes/<case>.yaml):
+  1. the calibration ids, computed once with our `calibration_windows` from the
+     recipe's data.calibration settings, saved as safetensors (key input_ids);
+  2. our tool as a subprocess (`orchestrator run recipes/<case>.yaml
+     model.path=<dir> cluster.workers=2 tracking.enabled=false output.dir=<work>`),
+     then the peer script as a subprocess of the peer venv's python, one after
+     the other, each timed (wall) and sampled every 0.1 s for the summed RSS of
+     the process and all its descendants (our Ray head, raylet and workers are
+     descendants of the driver); the sum of PSS is sampled too (every 1 s),
+     since summed RSS counts shared pages (libraries, Ray's object store) once
+     per process;
+  3. our report.json's calibration.sha256 must equal sha256 of the saved ids'
+     numpy bytes (the hash data.py computes), or the run stops;
+  4. both outputs evaluated with OUR orchestrator.evaluate.perplexity (same
+     held-out windows, same code), and the dense model once.
+Writes a markdown table (--out) and the same numbers as JSON next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+PEER_PYTHON = BENCH / ".peer-venv" / "bin" / "python"
+PEER_SCRIPT = BENCH / "peer_llmcompressor.py"
+CASES = ["gptq-w4g128", "gptq-w3g128", "sparsegpt-50", "wanda-50", "wanda-2of4"]
+
+
+# ---------------------------------------------------------------- measurement
+
+@dataclass
+class Measured:
+    cmd: list[str]
+    returncode: int
+    wall_s: float
+    peak_rss_mb: float  # max over samples of sum(RSS) over the process tree
+    peak_pss_mb: float | None  # max over samples of sum(PSS) (None: not readable)
+    peak_procs: int  # most processes seen in the tree at once
+    samples: int
+    log: str
+    procs_at_peak: list[str] = field(default_factory=list)
+
+
+def _tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root] + root.children(recursive=True)
+    except psutil.Error:
+        return [root]
+
+
+def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = None,
+                 interval: float = 0.1, pss_every: int = 10) -> Measured:
+    """Run cmd to completion; wall time and peak summed RSS (and PSS) of its whole process tree."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        root = psutil.Process(proc.pid)
+        peak_rss = peak_pss = 0
+        pss_ok = True
+        peak_procs = samples = 0
+        at_peak: list[str] = []
+        while proc.poll() is None:
+            procs = _tree(root)
+            rss = 0
+            names = []
+            for p in procs:
+                try:
+                    r = p.memory_info().rss
+                    rss += r
+                    names.append(f"{p.pid}:{p.name()}:{r >> 20}MB")
+                except psutil.Error:
+                    pass
+            if rss > peak_rss:
+                peak_rss, at_peak = rss, names
+            if pss_ok and samples % pss_every == 0:
+                pss = 0
+                for p in procs:
+                    try:
+                        pss += p.memory_full_info().pss
+                    except psutil.NoSuchProcess:
+                        pass
+                    except (psutil.AccessDenied, AttributeError):
+                        pss_ok = False
+                        break
+                peak_pss = max(peak_pss, pss)
+            peak_procs = max(peak_procs, len(procs))
+            samples += 1
+            time.sleep(interval)
+        wall = time.perf_counter() - t0
+    return Measured(cmd, proc.returncode, wall, peak_rss / 2**20, peak_pss / 2**20 if pss_ok else None,
+                    peak_procs, samples, str(log_path), at_peak)
+
+
+def clean_env(threads: int | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded at run time
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def tail(path: str, n: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------- the two tools
+
+def orchestrator_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "orchestrator"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "orchestrator.cli"]
+
+
+def run_ours(case: str, model_dir: Path, work: Path, overrides: list[str], workers: int) -> tuple[Measured, dict, Path]:
+    out_root = work / "ours"
+    cmd = orchestrator_cmd() + ["run", str(ROOT / "recipes" / f"{case}.yaml"), f"model.path={model_dir}",
+                                f"cluster.workers={workers}", "tracking.enabled=false", f"output.dir={out_root}",
+                                f"output.name={case}", *overrides, "--overwrite", "--quiet"]
+    m = run_measured(cmd, cwd=work, log_path=work / "logs" / f"ours-{case}.log", env=clean_env())
+    if m.returncode != 0:
+        raise SystemExit(f"our tool failed on {case} (exit {m.returncode}): {' '.join(cmd)}\n{tail(m.log)}")
+    run_dir = out_root / case
+    report = json.loads((run_dir / "report.json").read_text())
+    return m, report, run_dir / "model"
+
+
+def run_peer(case: str, model_dir: Path, calib_path: Path, work: Path, batch_size: int) -> tuple[Measured, dict, Path]:
+    out = work / "peer" / case
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), str(model_dir), str(calib_path), case, str(out),
+           "--batch-size", str(batch_size)]
+    m = run_measured(cmd, cwd=work, log_path=work / "logs" / f"peer-{case}.log", env=clean_env())
+    if m.returncode != 0:
+        raise SystemExit(f"llm-compressor failed on {case} (exit {m.returncode}): {' '.join(cmd)}\n{tail(m.log)}")
+    return m, json.loads((out / "peer.json").read_text()), out / "model"
+
+
+# ---------------------------------------------------------------- calibration, checks
+
+def save_calibration(model_dir: Path, cfg, path: Path):
+    """Our calibration_windows(tokenizer, cfg) -> saved ids; returns (ids, sha256 of their numpy bytes)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from orchestrator.data import calibration_windows
+
+    calib = calibration_windows(AutoTokenizer.from_pretrained(model_dir), cfg)
+    ids = calib.input_ids.contiguous()
+    save_file({"input_ids": ids}, str(path))
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    if digest != calib.sha256:
+        raise SystemExit(f"calibration hash mismatch inside data.py: {digest} != {calib.sha256}")
+    return ids, digest
+
+
+def check_same_calibration(case: str, report: dict, digest: str) -> None:
+    theirs = (report.get("calibration") or {}).get("sha256")
+    if theirs != digest:
+        raise SystemExit(f"FAIL {case}: our tool calibrated on different token ids than the ones given to the peer: "
+                         f"report.json calibration.sha256={theirs}, saved ids sha256={digest}")
+
+
+def linear_summary(dense_dir: Path, out_dir: Path) -> dict:
+    """Which block Linear weights differ from the dense model, and their zero fraction."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def weights(d):
+        model = AutoModelForCausalLM.from_pretrained(d, dtype="float32").eval()
+        with torch.no_grad():  # a compressed-tensors checkpoint (the peer's) decompresses on its first forward
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long))
+        return {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    dense, out = weights(dense_dir), weights(out_dir)
+    changed = sorted(n for n in dense if not torch.equal(dense[n], out[n]))
+    zeros = sum(int((out[n] == 0).sum()) for n in changed)
+    numel = sum(out[n].numel() for n in changed)
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in changed})
+    return {"changed": len(changed), "linears": len(dense), "changed_kinds": kinds,
+            "lm_head_changed": any(n.endswith("lm_head") for n in changed),
+            "zero_fraction": zeros / numel if numel else 0.0, "changed_names": changed}
+
+
+def peer_logits_check(peer_out: Path) -> float:
+    """Max |logit difference| between the peer's in-venv model and its checkpoint loaded here."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    ref = load_file(str(peer_out / "peer_logits.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(peer_out / "model", dtype="auto").eval()
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"][None]).logits[0].float()
+    return float((logits - ref["logits"]).abs().max())
+
+
+# ---------------------------------------------------------------- tables
+
+def fmt(x, nd=2):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# llm-compressor vs orchestrator: {meta['title']}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta["facts"].items()]
+    lines += ["", "| case | ours wall s | peer wall s | wall ratio (ours/peer) | ours peak MB | peer peak MB "
+                  "| dense ppl | ours ppl | peer ppl | ppl-increase ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {fmt(r['ours']['wall_s'], 1)} | {fmt(r['peer']['wall_s'], 1)} "
+            f"| {fmt(ratio(r['ours']['wall_s'], r['peer']['wall_s']))} | {fmt(r['ours']['peak_rss_mb'], 0)} "
+            f"| {fmt(r['peer']['peak_rss_mb'], 0)} | {fmt(r.get('dense_ppl'), 3)} | {fmt(r.get('ours_ppl'), 3)} "
+            f"| {fmt(r.get('peer_ppl'), 3)} | {fmt(r.get('ppl_increase_ratio'))} |")
+    lines += ["", "Details: the tools' own core time (ours: report.json timing.phases.compress; peer: oneshot "
+                  "only), peak summed PSS, layers changed vs dense and their zero fraction, and the peer "
+                  "checkpoint's logit check (its in-venv logits vs the checkpoint loaded in our venv).", "",
+              "| case | ours compress s | peer oneshot s | core ratio | ours peak PSS MB | peer peak PSS MB "
+              "| ours procs | ours layers changed | peer layers changed | same layers | ours zeros | peer zeros | peer logit max err |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, p = r["ours"], r["peer"]
+        ol, pl = r.get("ours_layers") or {}, r.get("peer_layers") or {}
+        lines.append(
+            f"| {r['case']} | {fmt(o.get('core_s'), 1)} | {fmt(p.get('core_s'), 1)} "
+            f"| {fmt(ratio(o.get('core_s'), p.get('core_s')))} | {fmt(o.get('peak_pss_mb'), 0)} "
+            f"| {fmt(p.get('peak_pss_mb'), 0)} | {o.get('peak_procs', 'n/a')} "
+            f"| {ol.get('changed', 'n/a')}/{ol.get('linears', 'n/a')} | {pl.get('changed', 'n/a')}/{pl.get('linears', 'n/a')} "
+            f"| {({True: 'yes', False: 'NO'}).get(r.get('same_layers'), 'n/a')} | {fmt(ol.get('zero_fraction'), 3)} | {fmt(pl.get('zero_fraction'), 3)} "
+            f"| {fmt(r.get('peer_logit_max_err'), 6) if r.get('peer_logit_max_err') is not None else 'n/a'} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- timing model
+
+def build_timing_model(dest: Path, tokenizer_dir: Path, hidden: int, layers: int, ffn: int, heads: int) -> tuple[Path, int]:
+    """A random-initialised Llama (seed 0, float32) with tiny-lm's tokenizer and vocabulary size; cached."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(tok)
+    name = f"llama-random-h{hidden}-l{layers}-f{ffn}-v{vocab}"
+    folder = dest / name
+    if (folder / "config.json").exists():
+        params = json.loads((folder / "params.json").read_text())["params"]
+        return folder, params
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, dtype="float32")
+    model = LlamaForCausalLM(cfg).eval()
+    params = sum(p.numel() for p in model.parameters())
+    tmp = dest / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "params.json").write_text(json.dumps({"params": params}))
+    tmp.rename(folder)
+    return folder, params
+
+
+# ---------------------------------------------------------------- main
+
+def resolve_model(spec: str | None) -> Path:
+    from orchestrator.reference import resolve_reference
+
+    if spec is None:
+        return resolve_reference("tiny-lm", progress=True)
+    if spec.startswith("reference:"):
+        return resolve_reference(spec.split(":", 1)[1], progress=True)
+    path = Path(spec).expanduser().resolve()
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--model: {path} is not a Hugging Face model folder")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="orchestrator vs llm-compressor: wall time, peak memory, perplexity")
+    p.add_argument("--model", help="model folder or reference:NAME (default: the tiny-lm reference folder)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--out", default=str(BENCH / "results.md"), help="markdown table; a .json is written beside it")
+    p.add_argument("--work", help="scratch folder for outputs and logs (default benchmarks/.work/<model>)")
+    p.add_argument("--workers", type=int, default=2, help="our cluster.workers")
+    p.add_argument("--calib-samples", type=int, help="override the recipes' data.calibration.num_samples (both tools)")
+    p.add_argument("--calib-seq-len", type=int, help="override data.calibration.seq_len (both tools)")
+    p.add_argument("--eval-seq-len", type=int, help="override data.eval.seq_len (evaluation of both)")
+    p.add_argument("--eval-max-windows", type=int, help="override data.eval.max_windows")
+    p.add_argument("--ours-calibration", choices=["parallel", "sequential"],
+                   help="our partition.calibration (default: the recipe's, parallel)")
+    p.add_argument("--peer-batch-size", type=int,
+                   help="oneshot batch_size (default: the recipe's data.calibration.batch_size, so both tools run "
+                        "the same number of windows per forward; oneshot's own default is 1)")
+    p.add_argument("--ours-eval", action="store_true",
+                   help="let our run measure perplexity itself too (data.eval.enabled=true); by default it is "
+                        "switched off, so that neither tool's wall time includes evaluation (this script "
+                        "evaluates both outputs afterwards, with the same code)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for evaluation")
+    p.add_argument("--timing-model", action="store_true",
+                   help="timing only: a random Llama of >= 100M parameters, GPTQ W4 g128, ours (parallel, "
+                        "--workers) vs llm-compressor; no perplexity")
+    p.add_argument("--timing-calib-samples", type=int, default=32,
+                   help="calibration windows in --timing-model mode (both tools; default 32)")
+    p.add_argument("--timing-shape", default="768,12,3072,12", help="hidden,layers,ffn,heads of the timing model")
+    args = p.parse_args(argv)
+
+    if not PEER_PYTHON.exists():
+        raise SystemExit(f"{PEER_PYTHON} not found: run benchmarks/setup_peer.sh first")
+    from orchestrator.recipe import EvalDataConfig, load_recipe
+
+    t_all = time.perf_counter()
+    base_model = resolve_model(args.model)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for c in cases:
+        if c not in CASES:
+            raise SystemExit(f"--cases: unknown case {c!r}; known: {', '.join(CASES)}")
+    facts: dict = {}
+    # data.eval.enabled (newer orchestrator): off for our run unless --ours-eval (always off when timing)
+    eval_switch = "enabled" in {f.name for f in fields(EvalDataConfig)}
+    ours_eval = args.ours_eval and not args.timing_model
+    if args.timing_model:
+        cases = ["gptq-w4g128"]
+        hidden, layers, ffn, heads = (int(x) for x in args.timing_shape.split(","))
+        work = Path(args.work or BENCH / ".work" / "timing").resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        model_dir, params = build_timing_model(work / "models", base_model, hidden, layers, ffn, heads)
+        facts["timing model"] = (f"random LlamaForCausalLM, hidden {hidden}, {layers} layers, ffn {ffn}, {heads} heads, "
+                                 f"vocab {json.loads((model_dir / 'config.json').read_text())['vocab_size']}: "
+                                 f"{params / 1e6:.1f}M parameters, float32 ({time.perf_counter() - t0:.0f} s to build)")
+        if params < 100e6:
+            raise SystemExit(f"--timing-shape gives {params / 1e6:.1f}M parameters, fewer than 100M")
+        calib_samples = args.timing_calib_samples if args.calib_samples is None else args.calib_samples
+        eval_max_windows = None if eval_switch else 1  # no data.eval.enabled: keep our own evaluation to one window
+    else:
+        model_dir = base_model
+        work = Path(args.work or BENCH / ".work" / model_dir.name).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        calib_samples = args.calib_samples
+        eval_max_windows = args.eval_max_windows
+
+    out_md = Path(args.out).resolve()
+    rows = []
+    calib_cache: dict[tuple, tuple] = {}
+    dense_ppl = None
+    for case in cases:
+        recipe = load_recipe(ROOT / "recipes" / f"{case}.yaml", [f"model.path={model_dir}"])
+        cal = recipe.config.data.calibration
+        overrides = []
+        if calib_samples is not None:
+            cal.num_samples = calib_samples
+            overrides.append(f"data.calibration.num_samples={calib_samples}")
+        if args.calib_seq_len is not None:
+            cal.seq_len = args.calib_seq_len
+            overrides.append(f"data.calibration.seq_len={args.calib_seq_len}")
+        if args.eval_seq_len is not None:
+            overrides.append(f"data.eval.seq_len={args.eval_seq_len}")
+        if eval_max_windows is not None:
+            overrides.append(f"data.eval.max_windows={eval_max_windows}")
+        if args.ours_calibration:
+            overrides.append(f"partition.calibration={args.ours_calibration}")
+        if eval_switch and not ours_eval:
+            overrides.append("data.eval.enabled=false")
+        key = (cal.source, cal.num_samples, cal.seq_len, cal.seed)
+        if key not in calib_cache:
+            path = work / f"calib-{cal.num_samples}x{cal.seq_len}-seed{cal.seed}.safetensors"
+            calib_cache[key] = (path, *save_calibration(model_dir, cal, path))
+        calib_path, ids, digest = calib_cache[key]
+        peer_bs = args.peer_batch_size or cal.batch_size
+
+        print(f"[{case}] ours ...", file=sys.stderr, flush=True)
+        m_ours, report, ours_model = run_ours(case, model_dir, work, overrides, args.workers)
+        check_same_calibration(case, report, digest)
+        print(f"[{case}] ours {m_ours.wall_s:.1f} s, peak {m_ours.peak_rss_mb:.0f} MB; peer ...", file=sys.stderr,
+              flush=True)
+        m_peer, peer, peer_model = run_peer(case, model_dir, calib_path, work, peer_bs)
+        print(f"[{case}] peer {m_peer.wall_s:.1f} s, peak {m_peer.peak_rss_mb:.0f} MB", file=sys.stderr, flush=True)
+
+        row = {"case": case,
+               "ours": {"wall_s": m_ours.wall_s, "peak_rss_mb": m_ours.peak_rss_mb, "peak_pss_mb": m_ours.peak_pss_mb,
+                        "peak_procs": m_ours.peak_procs, "core_s": report["timing"]["phases"].get("compress"),
+                        "phases": report["timing"]["phases"], "cmd": m_ours.cmd, "log": m_ours.log,
+                        "procs_at_peak": m_ours.procs_at_peak, "calibration": report.get("calibration"),
+                        "report_ppl": ((report.get("quality") or {}).get("compressed") or {}).get("perplexity"),
+                        "overrides": overrides},
+               "peer": {"wall_s": m_peer.wall_s, "peak_rss_mb": m_peer.peak_rss_mb, "peak_pss_mb": m_peer.peak_pss_mb,
+                        "peak_procs": m_peer.peak_procs, "core_s": peer["timing"]["oneshot_s"],
+                        "timing": peer["timing"], "cmd": m_peer.cmd, "log": m_peer.log, "settings": peer},
+               "calibration": {"path": str(calib_path), "shape": list(ids.shape), "sha256": digest}}
+        if not args.timing_model:
+            from orchestrator.evaluate import perplexity
+
+            ecfg = EvalDataConfig(**vars(recipe.config.data.eval))
+            if eval_switch:
+                ecfg.enabled = True
+            if args.eval_seq_len is not None:
+                ecfg.seq_len = args.eval_seq_len
+            if args.eval_max_windows is not None:
+                ecfg.max_windows = args.eval_max_windows
+            if dense_ppl is None:
+                dense_ppl = perplexity(model_dir, ecfg, threads=args.threads).perplexity
+            ours_ppl = perplexity(ours_model, ecfg, threads=args.threads).perplexity
+            peer_ppl = perplexity(peer_model, ecfg, threads=args.threads).perplexity
+            row.update(dense_ppl=dense_ppl, ours_ppl=ours_ppl, peer_ppl=peer_ppl, eval=vars(ecfg),
+                       ppl_increase_ratio=ratio(ours_ppl - dense_ppl, peer_ppl - dense_ppl),
+                       ours_layers=linear_summary(model_dir, ours_model),
+                       peer_layers=linear_summary(model_dir, peer_model),
+                       peer_logit_max_err=peer_logits_check(peer_model.parent))
+            row["same_layers"] = row["ours_layers"]["changed_names"] == row["peer_layers"]["changed_names"]
+            if not row["same_layers"]:
+                print(f"WARNING [{case}]: the tools changed different Linear layers: ours "
+                      f"{row['ours_layers']['changed_names']}, peer {row['peer_layers']['changed_names']}",
+                      file=sys.stderr)
+            print(f"[{case}] ppl dense {dense_ppl:.3f}, ours {ours_ppl:.3f}, peer {peer_ppl:.3f}", file=sys.stderr,
+                  flush=True)
+        rows.append(row)
+        # written after every case, so a long run leaves its finished rows behind
+        c0 = rows[0]["calibration"]
+        facts.update({
+            "model": str(model_dir),
+            "calibration": f"{c0['shape'][0]} x {c0['shape'][1]} token ids from orchestrator.data.calibration_windows "
+                           f"(seed {cal.seed}), sha256 {c0['sha256'][:16]}..., verified equal to our report.json's",
+            "ours": f"orchestrator run, cluster.workers={args.workers}, partition.calibration="
+                    f"{args.ours_calibration or recipe.config.partition.calibration}, wall = whole command "
+                    f"(plan, Ray start, compress, export"
+                    + (", its own dense + compressed evaluation)" if (ours_eval or not eval_switch)
+                       else "; its own evaluation off: data.eval.enabled=false)"),
+            "overrides": " ".join(rows[0]["ours"]["overrides"]) or "none",
+            "peer": f"llmcompressor {peer['versions']['llmcompressor']} (compressed-tensors "
+                    f"{peer['versions']['compressed_tensors']}, transformers {peer['versions']['transformers']}), "
+                    f"oneshot pipeline independent -> sequential, batch_size {peer_bs}, wall = whole command "
+                    f"(imports, load, oneshot, save)",
+            "memory": "peak of the summed RSS of the process and all its descendants, sampled every 0.1 s",
+            "machine": f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}: timings provisional",
+        })
+        meta = {"title": "timing model" if args.timing_model else model_dir.name, "facts": facts}
+        out_md.parent.mkdir(parents=True, exist_ok=True)
+        out_md.write_text(markdown(meta, rows))
+        out_md.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    print(markdown({"title": "timing model" if args.timing_model else model_dir.name, "facts": facts}, rows))
+    print(f"total {time.perf_counter() - t_all:.0f} s; wrote {out_md} and {out_md.with_suffix('.json')}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
