@@ -29,6 +29,7 @@ Writes a markdown table (--out) and the same numbers as JSON next to it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -340,6 +341,14 @@ def main(argv=None) -> int:
 
     if not PEER_PYTHON.exists():
         raise SystemExit(f"{PEER_PYTHON} not found: run benchmarks/setup_peer.sh first")
+    # one comparison at a time: two would share the cores (and, by default, the work folder)
+    (BENCH / ".work").mkdir(parents=True, exist_ok=True)
+    lock = open(BENCH / ".work" / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit("another compare_llmcompressor.py is running (benchmarks/.work/.lock); "
+                         "runs must not overlap, or each one's timings are the other's load") from None
     from orchestrator.recipe import EvalDataConfig, load_recipe
 
     t_all = time.perf_counter()

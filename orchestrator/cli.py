@@ -104,7 +104,7 @@ def cmd_reference_list(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    cmd = ["mlflow", "server", "--backend-store-uri", args.uri, "--host", args.host, "--port", str(args.port),
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.uri, "--host", args.host, "--port", str(args.port),
            "--workers", "1"]
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)

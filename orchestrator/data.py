@@ -19,15 +19,19 @@ class Calibration:
     sha256: str  # of the token ids: what the compression actually saw
 
 
-def calibration_text(source: str) -> str:
-    """'reference' (the train split of the reference corpus), a .txt file, or a .jsonl file of {"text": ...}."""
+def read_text(source: str, split: str, key: str) -> str:
+    """'reference' (that split of the reference corpus), a .txt file, or a .jsonl file of {"text": ...}.
+
+    `split` is "train" or "heldout"; `key` names the recipe key in error messages.
+    """
     if source == "reference":
         from orchestrator.corpus import reference_texts
 
-        return reference_texts()[0]
+        train, heldout = reference_texts()
+        return train if split == "train" else heldout
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"data.calibration.source: file not found: {path}")
+        raise UserError(f"{key}: file not found: {path}")
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -36,10 +40,10 @@ def calibration_text(source: str) -> str:
             try:
                 texts.append(json.loads(line)["text"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"data.calibration.source: {path} line {n} is not a JSON object with a 'text'") from None
+                raise UserError(f"{key}: {path} line {n} is not a JSON object with a 'text'") from None
         return "\n\n".join(texts)
     if path.suffix != ".txt":
-        raise UserError(f"data.calibration.source: {path} must be a .txt or .jsonl file")
+        raise UserError(f"{key}: {path} must be a .txt or .jsonl file")
     return path.read_text(encoding="utf-8")
 
 
@@ -47,7 +51,7 @@ def calibration_windows(tokenizer, cfg: CalibrationDataConfig) -> Calibration:
     """`num_samples` windows of `seq_len` tokens at seeded random offsets of the tokenized text."""
     from orchestrator.reference import tokenize_split
 
-    ids = tokenize_split(tokenizer, calibration_text(cfg.source))
+    ids = tokenize_split(tokenizer, read_text(cfg.source, "train", "data.calibration.source"))
     if ids.numel() < cfg.seq_len + 1:
         raise UserError(f"data.calibration.source: the text has {ids.numel()} tokens, fewer than "
                         f"seq_len={cfg.seq_len} + 1")

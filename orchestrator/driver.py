@@ -104,11 +104,18 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
     partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code)
     check_stages(recipe.stages, partition)
     calibration = None
-    if any(s.technique.needs_calibration for s in recipe.stages):
+    needs_calibration = any(s.technique.needs_calibration for s in recipe.stages)
+    measures_perplexity = partition.task == CAUSAL_LM and cfg.data.eval.enabled
+    if needs_calibration or measures_perplexity:  # data problems surface now, not inside a Ray task
         from transformers import AutoTokenizer
 
+        from orchestrator.evaluate import eval_windows
+
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-        calibration = calibration_windows(tokenizer, cfg.data.calibration)
+        if needs_calibration:
+            calibration = calibration_windows(tokenizer, cfg.data.calibration)
+        if measures_perplexity:
+            eval_windows(tokenizer, cfg.data.eval)
     out_root = Path(cfg.output.dir).expanduser().resolve()
     run_dir = out_root / recipe.run_name
     if (run_dir / "report.json").exists() and not (overwrite or cfg.output.overwrite):

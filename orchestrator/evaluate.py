@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from orchestrator.data import read_text
 from orchestrator.errors import UserError
 from orchestrator.recipe import EvalDataConfig
 
@@ -36,22 +37,11 @@ class Perplexity:
                 "seconds": round(self.seconds, 3)}
 
 
-def heldout_text(source: str) -> str:
-    if source == "reference":
-        from orchestrator.corpus import reference_texts
-
-        return reference_texts()[1]
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"data.eval.source: file not found: {path}")
-    return path.read_text(encoding="utf-8")
-
-
 def eval_windows(tokenizer, cfg: EvalDataConfig) -> torch.Tensor:
     """Held-out text -> [windows, seq_len] token ids."""
     from orchestrator.reference import tokenize_split
 
-    ids = tokenize_split(tokenizer, heldout_text(cfg.source))
+    ids = tokenize_split(tokenizer, read_text(cfg.source, "heldout", "data.eval.source"))
     n = ids.numel() // cfg.seq_len
     if cfg.max_windows:
         n = min(n, cfg.max_windows)

@@ -97,3 +97,19 @@ def test_overrides_may_follow_flags(tmp_path, capsys):
     path = write(tmp_path, GOOD)
     assert main(["run", str(path), "--quiet", "cluster.workers=0"]) == 2
     assert "cluster.workers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.eval.source=/no/such.txt", "data.eval.source"),
+    ("data.calibration.source=/no/such.jsonl", "data.calibration.source"),
+    ("data.calibration.source=TOO_SHORT", "data.calibration.source"),
+    ("data.eval.source=TOO_SHORT", "data.eval.source"),
+])
+def test_bad_data_exits_2_before_ray(override, key, tmp_path, micro_lm, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    text = GOOD.replace("method: rtn, bits: 4", "method: gptq, bits: 4")
+    rc = main(["run", str(write(tmp_path, text, model=micro_lm)), override.replace("TOO_SHORT", str(short)), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and key in err, err
+    assert not ray.is_initialized()
