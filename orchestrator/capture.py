@@ -65,8 +65,8 @@ def capture_block_inputs(config: PretrainedConfig, stem_tensors: dict[str, torch
     own = set(model.state_dict())
     state = {}
     for key, tensor in stem_tensors.items():  # checkpoint names may carry or lack the base-model prefix
-        name = key if key in own else f"{prefix}.{key}" if f"{prefix}.{key}" in own else key.removeprefix(prefix + ".")
-        if name in own:
+        name = next((n for n in (key, f"{prefix}.{key}", key.removeprefix(prefix + ".")) if n in own), None)
+        if name is not None:
             state[name] = tensor
     model.load_state_dict(state, strict=False, assign=True)
     model.eval()

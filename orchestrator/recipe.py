@@ -191,7 +191,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 def omegaconf_message(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     first = str(e).splitlines()[0]
-    if isinstance(e, Exception) and "missing mandatory value" in first.lower():
+    if "missing mandatory value" in first.lower():
         first = "is required"
     return f"key '{key}': {first}" if key else first
 
