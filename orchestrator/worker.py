@@ -29,6 +29,7 @@ class LayerMetrics:
     bits: int | None  # quantization bits, None when not quantized
     group_size: int | None
     methods: list[str]
+    stats: dict = field(default_factory=dict)  # per technique, e.g. {"gptq": {"damp": 0.01, "damp_raised": False}}
 
 
 @dataclass
@@ -48,7 +49,7 @@ def compress_layer(
     H: the layer's [in, in] float64 input Hessian (techniques/hessian.py), or None
     when no calibration statistics are available.
     """
-    W_hat, keep, quant, methods = W, None, None, []
+    W_hat, keep, quant, methods, stats = W, None, None, [], {}
     for stage in stages:
         if not stage.applies_to(name):
             continue
@@ -60,6 +61,9 @@ def compress_layer(
             W_hat = W_hat * keep  # a later stage never revives a pruned weight
         quant = result.quant or quant
         methods.append(stage.technique.name)
+        if result.stats:
+            stats[stage.technique.name] = {k: v.item() if isinstance(v, torch.Tensor) else v
+                                           for k, v in result.stats.items()}
     err2 = (W_hat - W).pow(2).sum().item()
     ref2 = W.pow(2).sum().item()
     return W_hat, LayerMetrics(
@@ -70,6 +74,7 @@ def compress_layer(
         bits=quant.bits if quant else None,
         group_size=quant.group_size if quant else None,
         methods=methods,
+        stats=stats,
     )
 
 

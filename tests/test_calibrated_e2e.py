@@ -46,6 +46,8 @@ def test_recipe_runs_and_obeys_its_pattern(recipe, tmp_path, micro_lm, shared_ra
     method = load_recipe(REPO / "recipes" / f"{recipe}.yaml").stages[0].technique.name
     layers = [l for s in report["shards"] for l in s["layers"]]
     assert len(layers) == 14 and all(l["methods"] == [method] for l in layers)
+    if method in ("gptq", "sparsegpt"):  # the damping actually used is in each layer's metrics
+        assert all(l["stats"][method]["damp"] >= 0.01 and "damp_raised" in l["stats"][method] for l in layers)
     assert report["calibration"]["sha256"] and report["calibration"]["num_samples"] == 16
     weights = compressed_weights(report)
     assert len(weights) == 14
