@@ -85,11 +85,13 @@ def save_sample_logits(folder: Path, dense, compressed) -> None:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """1862977 -> '1.9 MB' (powers of 1000, as disks are sold)."""
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
         n /= 1000
-    return f"{n} B"
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
 
 
 def summary_rows(data: dict) -> list[tuple[str, str, str]]:
