@@ -105,7 +105,7 @@ def test_accumulate_hessian_is_the_running_mean_over_tokens():
     for chunk in X.reshape(4, -1, 2, IN).unbind(0):  # leading dims [64, 2] flatten to tokens
         H, n = accumulate_hessian(H, n, chunk)
     assert n == X.shape[0] and H.dtype == torch.float64
-    torch.testing.assert_close(H, direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H, direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())  # float32 X^T X
     H2, _ = accumulate_hessian(None, 0, X)
     H3, _ = accumulate_hessian(None, 0, X)
     assert torch.equal(H2, H3)
@@ -124,6 +124,7 @@ def test_registry_marks_calibration_needs():
 
 @pytest.mark.parametrize("bad,field", [
     (dict(block_size=0), "block_size"), (dict(damp=0.0), "damp"), (dict(bits=9), "bits"), (dict(group_size=12), "group_size"),
+    (dict(precision="bfloat16"), "precision"),
 ])
 def test_params_validate_themselves(bad, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
@@ -150,7 +151,8 @@ def test_params_validate_themselves(bad, field):
 def test_gptq_matches_the_slow_column_by_column_algorithm(bits, group_size, symmetric, act_order, block_size):
     W, X = make_layer(seed=bits + block_size)
     H = hessian(X)
-    p = GPTQParams(bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order, block_size=block_size)
+    p = GPTQParams(bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order, block_size=block_size,
+                   precision="float64")
     r = gptq(W, p, H)
     assert torch.equal(r.qweight, reference_gptq(W, H, bits, group_size, symmetric, act_order=act_order))
     assert_on_grid(r, bits)
@@ -160,6 +162,24 @@ def test_gptq_matches_the_slow_column_by_column_algorithm(bits, group_size, symm
     Hd = H + 0.01 * H.diagonal().mean() * torch.eye(IN, dtype=torch.float64)
     D = W.double() - r.weight.double()
     assert r.stats["loss"] == pytest.approx(0.5 * torch.einsum("ri,ij,rj->", D, Hd, D).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
+def test_float32_sweep_agrees_with_float64(method):
+    """The default float32 sweep is the float64 one up to rounding: the same integers almost
+    everywhere (a grid point can flip where w sits on a rounding boundary), the same loss."""
+    W, X = make_layer(seed=5)
+    H = hessian(X)
+    if method == "gptq":
+        run = lambda precision: gptq(W, GPTQParams(bits=4, group_size=32, precision=precision), H)
+    else:
+        run = lambda precision: sparsegpt(W, SparseGPTParams(sparsity=0.5, bits=4, group_size=32,
+                                                             precision=precision), H)
+    r32, r64 = run("float32"), run("float64")
+    assert (r32.qweight == r64.qweight).float().mean().item() > 0.98
+    assert r32.stats["loss"] == pytest.approx(r64.stats["loss"], rel=0.02)  # a flip changes later updates
+    if method == "sparsegpt":
+        assert (r32.mask == r64.mask).float().mean().item() > 0.99 and (~r32.mask).sum() == (~r64.mask).sum()
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 64), (3, -1), (2, -1), (4, 128)])

@@ -28,8 +28,9 @@ Grid parameters (grid.py's signed integers, so export can pack them as is):
   groups"): column c stays in group c // group_size, so the export needs no
   g_idx. With group_size == -1 this is the same as the first rule.
 
-All arithmetic runs in float64; the scales are float32, as stored, and the
-weights are quantized against exactly those scales, so
+The arithmetic runs in `precision` (float32 by default, as the paper's code;
+float64 on request); the scales are float32, as stored, and the weights are
+quantized against exactly those scales, so
 dequantize(qweight, scale, zero) reproduces `weight` bit for bit.
 """
 
@@ -40,18 +41,10 @@ from dataclasses import dataclass
 import torch
 
 from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, group_view, quantize
-from orchestrator.techniques.hessian import inverse_hessian_cholesky, prepare
+from orchestrator.techniques.hessian import check_sweep, inverse_hessian_cholesky, prepare
 from orchestrator.techniques.registry import register
 from orchestrator.techniques.result import LayerResult
 from orchestrator.techniques.rtn import QuantizeParams
-
-
-def check_block_damp(block_size: int, damp: float) -> None:
-    """The settings GPTQ and SparseGPT share beyond the grid's."""
-    if block_size <= 0:
-        raise ValueError(f"block_size: must be > 0, got {block_size}")
-    if not damp > 0:
-        raise ValueError(f"damp: must be > 0 (a fraction of the mean diagonal of H), got {damp}")
 
 
 @dataclass
@@ -61,10 +54,11 @@ class GPTQParams(QuantizeParams):
     block_size: int = 128  # columns per lazy batch
     damp: float = 0.01  # added to diag(H), as a fraction of its mean
     act_order: bool = False  # process columns by decreasing diag(H)
+    precision: str = "float32"  # of the factorisation and the sweep: float32 | float64
 
     def __post_init__(self):
         super().__post_init__()
-        check_block_damp(self.block_size, self.damp)
+        check_sweep(self.block_size, self.damp, self.precision)
 
 
 def group_width(in_features: int, group_size: int) -> int:
@@ -111,7 +105,7 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
     out_features, in_features = W.shape
     g = group_width(in_features, p.group_size)
     n_groups = in_features // g
-    W, H, dead = prepare(W, H, "gptq")  # float64 copies, dead inputs zeroed
+    W, H, dead = prepare(W, H, "gptq", p.precision)  # copies in p.precision, dead inputs zeroed
 
     static = p.act_order  # fit every group up front, on the original W
     if static:
@@ -141,7 +135,7 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
                 cols = updated_columns(W, W1, Err1, U, i1, i2, j, j + g)  # [out, g]
                 scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric)
             k = column[j] // g  # the column's group (its original index, also under act_order)
-            s, z = scale[:, k].double(), zero[:, k]  # [out]
+            s, z = scale[:, k].to(W.dtype), zero[:, k]  # [out]
             w = W1[:, i]  # [out]
             d = U1[i, i]
             q = quantize(w, s, z, p.bits)  # [out] int32

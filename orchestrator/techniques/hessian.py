@@ -23,10 +23,14 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple
     """Fold the tokens X [..., in] into H [in, in] (the mean over n tokens so far) -> (H, n + tokens).
 
     A running mean in float64: H_new = H * n / (n + t) + (2 / (n + t)) X^T X, so
-    the result is (2 / N) sum x x^T over all N tokens seen, whatever the batching
-    (up to float64 rounding). No randomness, so it is deterministic on a device.
+    the result is (2 / N) sum x x^T over all N tokens seen, whatever the batching.
+    The batch's X^T X is a float32 matmul (float64 inputs stay float64), which
+    halves the cost of the largest layers' statistics; the sums across batches
+    are float64. No randomness, so it is deterministic on a device.
     """
-    X = X.reshape(-1, X.shape[-1]).to(torch.float64)  # [t, in]
+    X = X.reshape(-1, X.shape[-1])  # [t, in]
+    if X.dtype != torch.float64:
+        X = X.to(torch.float32)
     t = X.shape[0]
     if H is None:
         H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
@@ -34,12 +38,29 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple
         raise ValueError(f"H is {tuple(H.shape)} but the inputs have {X.shape[1]} features")
     if t == 0:
         return H, n
-    H = H.to(torch.float64) * (n / (n + t)) + (2.0 / (n + t)) * (X.T @ X)  # [in, in]
+    H = H.to(torch.float64) * (n / (n + t)) + (2.0 / (n + t)) * (X.T @ X).to(torch.float64)  # [in, in]
     return H, n + t
 
 
-def prepare(W: torch.Tensor, H: torch.Tensor | None, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Copies of W [out, in] and H [in, in] in float64, with the dead inputs handled.
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_sweep(block_size: int, damp: float, precision: str) -> None:
+    """The settings GPTQ and SparseGPT share beyond the grid's."""
+    if block_size <= 0:
+        raise ValueError(f"block_size: must be > 0, got {block_size}")
+    if not damp > 0:
+        raise ValueError(f"damp: must be > 0 (a fraction of the mean diagonal of H), got {damp}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def prepare(W: torch.Tensor, H: torch.Tensor | None, method: str,
+            precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copies of W [out, in] and H [in, in] in `precision`, with the dead inputs handled.
+
+    float32 (GPTQ's and SparseGPT's default, as in the papers' code) halves the
+    cost of the factorisation and the sweep; float64 is there for exactness checks.
 
     A dead input (diag(H) == 0: the feature was 0 on every calibration token)
     cannot be measured: its weights are set to 0 (they never contributed on the
@@ -53,8 +74,9 @@ def prepare(W: torch.Tensor, H: torch.Tensor | None, method: str) -> tuple[torch
         raise ValueError(f"{method}: H is {tuple(H.shape)}, expected [{in_features}, {in_features}] for W {tuple(W.shape)}")
     if not torch.isfinite(H).all():
         raise RuntimeError(f"{method}: H has NaN or infinite entries; the calibration statistics are broken")
-    W = W.to(torch.float64).clone()  # [out, in]
-    H = H.to(device=W.device, dtype=torch.float64).clone()  # [in, in]
+    dtype = PRECISIONS[precision]
+    W = W.to(dtype).clone()  # [out, in]
+    H = H.to(device=W.device, dtype=dtype).clone()  # [in, in]
     dead = H.diagonal() == 0  # [in]
     H.diagonal()[dead] = 1
     W[:, dead] = 0
@@ -62,7 +84,7 @@ def prepare(W: torch.Tensor, H: torch.Tensor | None, method: str) -> tuple[torch
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float, method: str, tries: int = 7) -> tuple[torch.Tensor, float, bool]:
-    """H [in, in] float64 -> (U [in, in] upper, damp used, damp raised).
+    """H [in, in] -> (U [in, in] upper, in H's dtype; damp used; damp raised).
 
     U is the upper Cholesky factor of (H + lambda I)^-1, lambda = damp * mean(diag(H)):
     row j of U, divided by U[j, j], is the OBS update direction for column j once

@@ -43,9 +43,9 @@ from typing import Optional
 
 import torch
 
-from orchestrator.techniques.gptq import check_block_damp, dequantize_groups, group_width, updated_columns
+from orchestrator.techniques.gptq import dequantize_groups, group_width, updated_columns
 from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, quantize
-from orchestrator.techniques.hessian import inverse_hessian_cholesky, prepare
+from orchestrator.techniques.hessian import check_sweep, inverse_hessian_cholesky, prepare
 from orchestrator.techniques.magnitude import PruneParams
 from orchestrator.techniques.registry import register
 from orchestrator.techniques.result import LayerResult
@@ -61,10 +61,11 @@ class SparseGPTParams(PruneParams):
     bits: Optional[int] = None  # set: quantize the kept weights in the same pass
     group_size: int = 128  # as QuantizeParams, used when bits is set
     symmetric: bool = True  # as QuantizeParams, used when bits is set
+    precision: str = "float32"  # of the factorisation and the sweep: float32 | float64
 
     def __post_init__(self):
         super().__post_init__()
-        check_block_damp(self.block_size, self.damp)
+        check_sweep(self.block_size, self.damp, self.precision)
         if self.bits is not None:
             QuantizeParams(self.bits, self.group_size, self.symmetric)  # raises "bits: ..." / "group_size: ..."
 
@@ -81,13 +82,13 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
     if nm is not None and in_features % nm[1]:
         raise ValueError(f"pattern {p.pattern}: M={nm[1]} does not divide the layer's {in_features} input features")
     g = group_width(in_features, p.group_size) if p.bits is not None else None
-    W, H, dead = prepare(W, H, "sparsegpt")  # float64 copies, dead inputs zeroed
+    W, H, dead = prepare(W, H, "sparsegpt", p.precision)  # copies in p.precision, dead inputs zeroed
     if nm is None and p.sparsity == 0 and p.bits is None:
         return LayerResult(weight=W_in.clone(), mask=torch.ones_like(W_in, dtype=torch.bool))
 
     U, damp, raised = inverse_hessian_cholesky(H, p.damp, "sparsegpt")  # [in, in] upper
     pruned = torch.zeros(out_features, in_features, dtype=torch.bool, device=W.device)  # decided so far
-    Q = torch.zeros_like(W)  # [out, in] the fixed values (float64)
+    Q = torch.zeros_like(W)  # [out, in] the fixed values
     if g is not None:
         n_groups = in_features // g
         scale = torch.ones(out_features, n_groups, dtype=torch.float32, device=W.device)
@@ -126,7 +127,7 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
             d = U1[i, i]
             q = w.masked_fill(pruned[:, j], 0)  # [out]
             if g is not None:
-                s, z = scale[:, j // g].double(), zero[:, j // g]
+                s, z = scale[:, j // g].to(W.dtype), zero[:, j // g]
                 qi = quantize(q, s, z, p.bits)  # pruned -> the zero point
                 qweight[:, j] = qi
                 q = dequantize(qi, s, z)
