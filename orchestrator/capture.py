@@ -112,7 +112,7 @@ class HessianSet:
     """Running H per group of Linears that share an input."""
 
     groups: dict[str, list[str]] = field(default_factory=dict)  # group leader -> member layer names
-    H: dict[str, torch.Tensor] = field(default_factory=dict)  # leader -> [in, in] float64
+    H: dict[str, torch.Tensor] = field(default_factory=dict)  # leader -> [in, in] float32
     n: dict[str, int] = field(default_factory=dict)
 
     def of(self, layer_name: str) -> torch.Tensor | None:

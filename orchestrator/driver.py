@@ -34,7 +34,7 @@ from orchestrator.data import Calibration, calibration_windows
 from orchestrator.errors import UserError
 from orchestrator.partition import CAUSAL_LM, Partition, Shard, load_config, partition_model
 from orchestrator.recipe import Recipe, Stage
-from orchestrator.worker import CompressionWorker, ShardResult, embed_calibration, read_tensors
+from orchestrator.worker import CompressionWorker, ShardResult
 
 
 class ShardFailed(RuntimeError):
@@ -164,32 +164,28 @@ class ShardScheduler:
         self.actors = [
             CompressionWorker.options(
                 num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker, max_restarts=cluster.max_restarts
-            ).remote(threads=int(max(1, cluster.cpus_per_worker)), config=config)
+            ).remote(int(max(1, cluster.cpus_per_worker)), str(plan.model_dir), plan.partition.key_to_file, config)
             for _ in range(min(cluster.workers, len(plan.partition.shards)))
         ]
         self.inputs: dict[int, ray.ObjectRef] = {}  # shard index -> its input hidden states
         self.block_kwargs = None
-        if plan.calibrated:
-            partition, calib = plan.partition, plan.calibration
-            self.inputs[0], self.block_kwargs = embed_calibration.remote(
-                str(plan.model_dir), config, list(partition.rest_keys), partition.key_to_file,
-                calib.input_ids, recipe.config.data.calibration.batch_size)
+        if plan.calibrated:  # the first block's inputs, computed by the first worker before its first shard
+            self.inputs[0], self.block_kwargs = self.actors[0].embed.options(num_returns=2).remote(
+                list(plan.partition.rest_keys), plan.calibration.input_ids, recipe.config.data.calibration.batch_size)
 
     def submit(self, shard: Shard, actor) -> ray.ObjectRef:
         """Queue a shard on an actor; returns the ref of its ShardResult."""
-        p = self.plan
-        tensors = read_tensors.remote(str(p.model_dir), list(shard.tensor_keys), p.partition.key_to_file)
         k = shard.index
-        if not p.calibrated:
-            result, _ = actor.compress.options(num_returns=2).remote(shard, tensors, self.stages)
+        if not self.plan.calibrated:
+            result, _ = actor.compress.options(num_returns=2).remote(shard, self.stages)
             return result
-        dense_out = actor.calibrate.remote(shard, tensors, self.inputs[k], self.block_kwargs, self.stages)
+        dense_out = actor.calibrate.remote(shard, self.inputs[k], self.block_kwargs, self.stages)
         if self.sequential:
             result, self.inputs[k + 1] = actor.compress.options(num_returns=2).remote(
-                shard, tensors, self.stages, self.inputs[k], self.block_kwargs)
+                shard, self.stages, self.inputs[k], self.block_kwargs)
         else:
             self.inputs[k + 1] = dense_out
-            result, _ = actor.compress.options(num_returns=2).remote(shard, tensors, self.stages)
+            result, _ = actor.compress.options(num_returns=2).remote(shard, self.stages)
         return result
 
     def done(self, shard: Shard) -> None:

@@ -15,7 +15,8 @@ from typing import Callable
 import ray
 import torch
 
-from orchestrator.capture import BlockInputs, HessianSet, block_class_of, build_blocks, run_blocks
+from orchestrator.capture import BlockInputs, HessianSet, block_class_of, build_blocks, capture_block_inputs, run_blocks
+from orchestrator.checkpoint import read_keys
 from orchestrator.partition import LinearLayer, Shard
 from orchestrator.recipe import Stage
 
@@ -46,7 +47,7 @@ def compress_layer(
 ) -> tuple[torch.Tensor, LayerMetrics]:
     """W [out, in] float32 -> (compressed W [out, in], metrics). Stages run in recipe order.
 
-    H: the layer's [in, in] float64 input Hessian (techniques/hessian.py), or None
+    H: the layer's [in, in] float32 input Hessian (techniques/hessian.py), or None
     when no calibration statistics are available.
     """
     W_hat, keep, quant, methods, stats = W, None, None, [], {}
@@ -104,18 +105,22 @@ def as_out_in(weight: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
 class CompressionWorker:
     """A Ray actor that compresses the shards it is given, on CUDA if it was granted a GPU.
 
+    It reads each shard's tensors itself, straight from the checkpoint's
+    safetensors files (a path every node can read): no weights pass through the
+    driver or the object store on the way in.
+
     Data-free stages need one call, `compress`. Calibration-aware stages need two:
     `calibrate` runs the shard's blocks over its input activations, keeps the
-    layers' Hessians here and returns the blocks' outputs (the next shard's
-    inputs in parallel mode) at once; `compress` then uses the Hessians and, in
-    sequential mode, returns the compressed blocks' outputs instead.
+    shard's tensors and the layers' Hessians here and returns the blocks' outputs
+    (the next shard's inputs in parallel mode) at once; `compress` then uses them
+    and, in sequential mode, returns the compressed blocks' outputs instead.
     """
 
-    def __init__(self, threads: int, config=None):
+    def __init__(self, threads: int, model_dir: str, key_to_file: dict[str, str], config=None):
         torch.set_num_threads(max(1, threads))
-        self.config = config
+        self.model_dir, self.key_to_file, self.config = model_dir, key_to_file, config
         self.block_class = block_class_of(config) if config is not None else None
-        self.calibrated: dict[int, HessianSet] = {}
+        self.calibrated: dict[int, tuple[dict[str, torch.Tensor], HessianSet]] = {}  # shard -> (tensors, H)
         self.device = "cpu"
         if ray.get_gpu_ids():
             if torch.cuda.is_available():
@@ -123,20 +128,32 @@ class CompressionWorker:
             else:
                 warnings.warn("Ray granted this worker a GPU but CUDA is not available; compressing on the CPU")
 
-    def calibrate(self, shard: Shard, tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor],
-                  kwargs: list[dict], stages: list[Stage]) -> list[torch.Tensor]:
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return read_keys(self.model_dir, keys, self.key_to_file)
+
+    def embed(self, stem_keys: list[str], input_ids: torch.Tensor,
+              batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
+        """The first block's inputs for the calibration ids: (hidden states per batch, block kwargs per batch)."""
+        inputs = capture_block_inputs(self.config, self.read(stem_keys), input_ids, batch_size)
+        return inputs.hidden, inputs.kwargs
+
+    def calibrate(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
+                  stages: list[Stage]) -> list[torch.Tensor]:
         """Hessians of the layers that need them, kept here; returns the dense blocks' outputs."""
+        tensors = self.read(list(shard.tensor_keys))
         blocks = build_blocks(self.config, shard, tensors, self.block_class)
         wanted = [layer for layer in shard.linears
                   if any(s.technique.needs_calibration and s.applies_to(layer.name) for s in stages)]
-        outputs, self.calibrated[shard.index] = run_blocks(blocks, BlockInputs(hidden, kwargs), shard, wanted)
+        outputs, hessians = run_blocks(blocks, BlockInputs(hidden, kwargs), shard, wanted)
+        self.calibrated[shard.index] = (tensors, hessians)
         return outputs
 
-    def compress(self, shard: Shard, tensors: dict[str, torch.Tensor], stages: list[Stage],
-                 hidden: list[torch.Tensor] | None = None,
+    def compress(self, shard: Shard, stages: list[Stage], hidden: list[torch.Tensor] | None = None,
                  kwargs: list[dict] | None = None) -> tuple[ShardResult, list[torch.Tensor] | None]:
         """-> (result, the compressed blocks' outputs on `hidden` when given (sequential mode), else None)."""
-        hessians = self.calibrated.pop(shard.index, None)
+        tensors, hessians = self.calibrated.pop(shard.index, (None, None))
+        if tensors is None:
+            tensors = self.read(list(shard.tensor_keys))
         result = compress_shard(shard, tensors, stages, hessians.of if hessians else (lambda name: None))
         outputs = None
         if hidden is not None:
@@ -145,22 +162,3 @@ class CompressionWorker:
         ctx = ray.get_runtime_context()
         result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": self.device}
         return result, outputs
-
-
-@ray.remote
-def read_tensors(model_dir: str, keys: list[str], key_to_file: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Load a shard's tensors from the checkpoint, on a worker node, into the object store."""
-    from orchestrator.checkpoint import read_keys
-
-    return read_keys(model_dir, keys, key_to_file)
-
-
-@ray.remote(num_returns=2)
-def embed_calibration(model_dir: str, config, stem_keys: list[str], key_to_file: dict[str, str],
-                      input_ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
-    """The first block's inputs for the calibration ids: (hidden states per batch, block kwargs per batch)."""
-    from orchestrator.capture import capture_block_inputs
-    from orchestrator.checkpoint import read_keys
-
-    inputs = capture_block_inputs(config, read_keys(model_dir, stem_keys, key_to_file), input_ids, batch_size)
-    return inputs.hidden, inputs.kwargs

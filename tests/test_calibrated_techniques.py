@@ -104,8 +104,10 @@ def test_accumulate_hessian_is_the_running_mean_over_tokens():
     H, n = None, 0
     for chunk in X.reshape(4, -1, 2, IN).unbind(0):  # leading dims [64, 2] flatten to tokens
         H, n = accumulate_hessian(H, n, chunk)
-    assert n == X.shape[0] and H.dtype == torch.float64
-    torch.testing.assert_close(H, direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())  # float32 X^T X
+    assert n == X.shape[0] and H.dtype == torch.float32
+    torch.testing.assert_close(H.double(), direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
+    H64, _ = accumulate_hessian(None, 0, X.double())
+    assert H64.dtype == torch.float64
     H2, _ = accumulate_hessian(None, 0, X)
     H3, _ = accumulate_hessian(None, 0, X)
     assert torch.equal(H2, H3)

@@ -5,7 +5,7 @@ technique's parameter dataclass, which validates itself. The registry is the
 only place the recipe, the planner and the worker learn what exists.
 
 Every technique is called as fn(W [out, in] float32, params, H) -> LayerResult,
-H being the layer's [in, in] float64 input Hessian (hessian.py) or None. Those
+H being the layer's [in, in] float32 input Hessian (hessian.py) or None. Those
 registered with needs_calibration (gptq, sparsegpt, wanda) require H; rtn and
 magnitude ignore it.
 """

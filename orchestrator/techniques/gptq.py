@@ -13,8 +13,9 @@ is one outer product per column. Three tricks of the paper make it fast and
 stable, all used here:
 - the rows of the upper Cholesky factor U of H^-1 are exactly the updates above
   (row j of U divided by U_jj), so H^-1 is never re-derived column by column;
-- lazy batches: the columns of a block of `block_size` are updated right away,
-  the rest of W once per block with one matmul;
+- lazy batches: W is updated once per block of `block_size` columns, with one
+  matmul; inside the block, each column gets the updates of the block's earlier
+  columns just before it is quantized (one matrix-vector product);
 - damping: lambda = damp * mean(diag(H)) is added to diag(H) before inverting.
 
 Grid parameters (grid.py's signed integers, so export can pack them as is):
@@ -69,20 +70,16 @@ def group_width(in_features: int, group_size: int) -> int:
     return g
 
 
-def updated_columns(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor,
-                    i1: int, i2: int, start: int, stop: int) -> torch.Tensor:
+def updated_columns(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i2: int,
+                    start: int, stop: int) -> torch.Tensor:
     """Columns [start, stop) of W with every update so far applied -> [out, stop - start].
 
-    i1 <= start < i2 is inside the current block, whose columns W1 [out, i2 - i1]
-    are up to date. Columns past i2 still lack this block's lazy update
-    -Err1 U[i1:i2, i2:]; it is applied here to a copy (Err1's columns not yet
-    processed are 0, so they add nothing).
+    W holds every column as it was when the current block [i1, i2) began (the
+    lazy update of earlier blocks applied); Err1 [B, out] the scaled errors of
+    the block's columns processed so far (the rest are 0, so they add nothing).
+    Column c's pending update is -sum_i Err1[i] U[i1 + i, c].
     """
-    inside = W1[:, start - i1:min(stop, i2) - i1]  # [out, <= stop - start]
-    if stop <= i2:
-        return inside
-    beyond = W[:, i2:stop] - Err1 @ U[i1:i2, i2:stop]  # [out, stop - i2]
-    return torch.cat([inside, beyond], dim=1)
+    return W[:, start:stop] - Err1.T @ U[i1:i2, start:stop]
 
 
 def dequantize_groups(qweight: torch.Tensor, quant: QuantParams) -> torch.Tensor:
@@ -126,25 +123,23 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
 
     for i1 in range(0, in_features, p.block_size):
         i2 = min(i1 + p.block_size, in_features)
-        W1 = W[:, i1:i2].clone()  # [out, B] the block, updated as it goes
-        Err1 = torch.zeros_like(W1)  # [out, B] scaled errors, for the lazy update of the rest
+        Err1 = torch.zeros(i2 - i1, out_features, dtype=W.dtype, device=W.device)  # [B, out] scaled errors
         U1 = U[i1:i2, i1:i2]  # [B, B]
         for i in range(i2 - i1):
             j = i1 + i
             if not static and j % g == 0:  # first column of a group: fit it as it is now
-                cols = updated_columns(W, W1, Err1, U, i1, i2, j, j + g)  # [out, g]
+                cols = updated_columns(W, Err1, U, i1, i2, j, j + g)  # [out, g]
                 scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric)
             k = column[j] // g  # the column's group (its original index, also under act_order)
             s, z = scale[:, k].to(W.dtype), zero[:, k]  # [out]
-            w = W1[:, i]  # [out]
+            w = W[:, j] - U1[:i, i] @ Err1[:i]  # [out] column j with the OBS updates of the block's columns before it
             d = U1[i, i]
             q = quantize(w, s, z, p.bits)  # [out] int32
             qweight[:, j] = q
             err = (w - dequantize(q, s, z)) / d  # [out]
             loss += err.square().sum() / 2
-            W1[:, i:] -= torch.outer(err, U1[i, i:])  # OBS update of the block's remaining columns
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy update of everything after the block
+            Err1[i] = err
+        W[:, i2:] -= Err1.T @ U[i1:i2, i2:]  # the lazy update of everything after the block
 
     if perm is not None:
         qweight = qweight[:, torch.argsort(perm)]  # back to the original column order

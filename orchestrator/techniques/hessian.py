@@ -4,7 +4,7 @@ For a Linear layer y = W x with W [out, in], the GPTQ / SparseGPT objective
 ||W X^T - W_hat X^T||^2 over the n calibration tokens x_k (the rows of X
 [n, in]) has, per output row, the Hessian
 
-    H = (2/n) * sum_k x_k x_k^T    [in, in], float64
+    H = (2/n) * sum_k x_k x_k^T    [in, in], float32 (float64 for float64 inputs)
 
 (the 1/n keeps it on the scale of one token, so damping relative to its mean
 diagonal does not depend on how much data was seen). Wanda's per-feature norm
@@ -22,23 +22,23 @@ import torch
 def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Fold the tokens X [..., in] into H [in, in] (the mean over n tokens so far) -> (H, n + tokens).
 
-    A running mean in float64: H_new = H * n / (n + t) + (2 / (n + t)) X^T X, so
-    the result is (2 / N) sum x x^T over all N tokens seen, whatever the batching.
-    The batch's X^T X is a float32 matmul (float64 inputs stay float64), which
-    halves the cost of the largest layers' statistics; the sums across batches
-    are float64. No randomness, so it is deterministic on a device.
+    A running mean, updated in place: H <- H * n / (n + t) + (2 / (n + t)) X^T X,
+    so the result is (2 / N) sum x x^T over all N tokens seen, whatever the
+    batching. It is kept in float32 (float64 when X is float64): one fused
+    matmul-accumulate per batch, which is most of the cost of calibration for
+    the widest layers. No randomness, so it is deterministic on a device.
     """
     X = X.reshape(-1, X.shape[-1])  # [t, in]
     if X.dtype != torch.float64:
         X = X.to(torch.float32)
     t = X.shape[0]
     if H is None:
-        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+        H = torch.zeros(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
     elif H.shape != (X.shape[1], X.shape[1]):
         raise ValueError(f"H is {tuple(H.shape)} but the inputs have {X.shape[1]} features")
     if t == 0:
         return H, n
-    H = H.to(torch.float64) * (n / (n + t)) + (2.0 / (n + t)) * (X.T @ X).to(torch.float64)  # [in, in]
+    H.mul_(n / (n + t)).addmm_(X.T, X.to(H.dtype), alpha=2.0 / (n + t))  # [in, in]
     return H, n + t
 
 

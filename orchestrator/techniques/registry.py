@@ -13,14 +13,14 @@ class Technique:
     name: str
     kind: Literal["prune", "quantize"]
     params: type  # a dataclass whose __post_init__ raises ValueError("<field>: <why>")
-    apply: Callable  # pure function: (W [out, in] float32, params, H [in, in] float64 | None) -> LayerResult
+    apply: Callable  # pure function: (W [out, in] float32, params, H [in, in] float32 | None) -> LayerResult
     needs_calibration: bool = False  # True: apply needs H, the layer's input Hessian (see hessian.py)
 
 
 def register(name: str, kind: Literal["prune", "quantize"], params: type, *, needs_calibration: bool = False):
     """Decorator: make `fn` available to recipes as `method: <name>`.
 
-    `fn(W, params, H)`: W [out, in] float32; H the [in, in] float64 matrix
+    `fn(W, params, H)`: W [out, in] float32; H the [in, in] float32 matrix
     (2/n) sum_k x_k x_k^T over the layer's n calibration inputs, or None. A
     technique registered with needs_calibration=True requires H; the others
     accept it and ignore it.

@@ -101,8 +101,8 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
 
     for i1 in range(0, in_features, p.block_size):
         i2 = min(i1 + p.block_size, in_features)
-        W1 = W[:, i1:i2].clone()  # [out, B] the block, updated as it goes
-        Err1 = torch.zeros_like(W1)  # [out, B]
+        W1 = W[:, i1:i2]  # [out, B] the block as it is at its start
+        Err1 = torch.zeros(i2 - i1, out_features, dtype=W.dtype, device=W.device)  # [B, out] scaled errors
         U1 = U[i1:i2, i1:i2]  # [B, B]
         if nm is None:
             n_prune = prune_upto(i2) - prune_upto(i1)
@@ -116,14 +116,14 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
             j = i1 + i
             if nm is not None and j % nm[1] == 0:  # first column of an N:M group
                 n, m = nm
-                cols = updated_columns(W, W1, Err1, U, i1, i2, j, j + m)  # [out, m]
+                cols = updated_columns(W, Err1, U, i1, i2, j, j + m)  # [out, m]
                 score = cols.square() / U.diagonal()[j:j + m].square()[None, :]  # [out, m]
                 lowest = torch.sort(score, dim=1, stable=True).indices[:, :m - n]  # [out, m - n]
                 pruned[:, j:j + m] = torch.zeros_like(cols, dtype=torch.bool).scatter_(1, lowest, True)
             if g is not None and j % g == 0:  # first column of a quantization group
-                cols = updated_columns(W, W1, Err1, U, i1, i2, j, j + g).masked_fill(pruned[:, j:j + g], 0)
+                cols = updated_columns(W, Err1, U, i1, i2, j, j + g).masked_fill(pruned[:, j:j + g], 0)
                 scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric)
-            w = W1[:, i]  # [out]
+            w = W[:, j] - U1[:i, i] @ Err1[:i]  # [out] column j with the block's updates so far
             d = U1[i, i]
             q = w.masked_fill(pruned[:, j], 0)  # [out]
             if g is not None:
@@ -134,9 +134,8 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
             Q[:, j] = q
             err = (w - q) / d  # [out]
             loss += err.square().sum() / 2
-            W1[:, i:] -= torch.outer(err, U1[i, i:])
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            Err1[i] = err
+        W[:, i2:] -= Err1.T @ U[i1:i2, i2:]  # the lazy update of everything after the block
 
     keep = ~pruned
     stats = {"damp": damp, "damp_raised": raised, "loss": loss.item(), "dead_columns": int(dead.sum())}
