@@ -48,9 +48,12 @@ def write_index(model_dir: Path, weight_map: dict[str, str], total_size: int) ->
 
 
 def copy_non_weight_files(src: Path, dst: Path) -> None:
-    """config, tokenizer and generation files travel with the weights."""
+    """config, tokenizer and generation files (and folders such as sentence-transformers' 1_Pooling)
+    travel with the weights."""
     for item in sorted(src.iterdir()):
-        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != INDEX_NAME:
+        if item.is_dir() and not item.name.startswith("."):
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+        elif item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != INDEX_NAME:
             shutil.copy2(item, dst / item.name)
 
 

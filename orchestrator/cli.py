@@ -57,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls = ref_sub.add_parser("list", help="list the reference models")
     ls.set_defaults(func=cmd_reference_list)
 
+    e = sub.add_parser("eval", help="measure a model folder (dense or compressed): held-out perplexity")
+    e.add_argument("model_dir", help="a Hugging Face model folder, e.g. RUN/model")
+    e.add_argument("--source", default="reference", help="held-out text: 'reference' or a .txt file (default: %(default)s)")
+    e.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: %(default)s)")
+    e.add_argument("--max-windows", type=int, default=64, help="windows evaluated, 0 = all (default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=cmd_eval)
+
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the run store")
     ui.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow backend store (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1")
@@ -84,6 +94,35 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from orchestrator.errors import UserError
+    from orchestrator.partition import CAUSAL_LM, load_config, task_of
+    from orchestrator.recipe import EvalDataConfig
+
+    model_dir = Path(args.model_dir).expanduser()
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"model_dir: {model_dir} has no config.json (not a Hugging Face model folder)")
+    if task_of(load_config(model_dir, False)) != CAUSAL_LM:
+        raise UserError(f"model_dir: {model_dir} is not a causal LM; perplexity needs one")
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value < 1:
+            raise UserError(f"{flag}: must be >= 1, got {value}")
+    cfg = EvalDataConfig(source=args.source, seq_len=args.seq_len, max_windows=args.max_windows,
+                         batch_size=args.batch_size)
+    from orchestrator.evaluate import perplexity
+
+    result = perplexity(model_dir, cfg, threads=args.threads)
+    if args.json:
+        print(json.dumps({"model_dir": str(model_dir), **result.summary()}, indent=2))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of "
+              f"{cfg.seq_len}) in {result.seconds:.1f} s")
+    return 0
+
+
 def cmd_reference_build(args) -> int:
     from orchestrator.errors import UserError
     from orchestrator.reference import resolve_reference
@@ -96,10 +135,12 @@ def cmd_reference_build(args) -> int:
 
 
 def cmd_reference_list(args) -> int:
-    from orchestrator.reference import REFERENCE_MODELS
+    from orchestrator.reference import PACKAGED_MODELS, REFERENCE_MODELS
 
     for name, spec in REFERENCE_MODELS.items():
         print(f"reference:{name}  {spec}")
+    for name, (package, _) in PACKAGED_MODELS.items():
+        print(f"reference:{name}  pretrained, from the {package} package")
     return 0
 
 

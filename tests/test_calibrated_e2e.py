@@ -4,26 +4,17 @@ in parallel and sequential calibration modes, on one shared local Ray."""
 import json
 
 import pytest
-import ray
 import torch
-from safetensors.torch import load_file
 
 from orchestrator.cli import main
 from orchestrator.recipe import load_recipe
-from conftest import REPO
+from conftest import REPO, load_export
 
 pytestmark = pytest.mark.slow
 
 RECIPES = ["gptq-w4g128", "gptq-w3g128", "sparsegpt-50", "wanda-2of4", "sparsegpt-2of4-w4g128"]
 SMALL = ["data.calibration.num_samples=16", "data.calibration.seq_len=64", "data.eval.max_windows=8",
          "tracking.enabled=false", "cluster.workers=2"]
-
-
-@pytest.fixture(scope="module")
-def shared_ray():
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def run(recipe: str, tmp_path, micro_lm, *extra) -> dict:
@@ -34,10 +25,9 @@ def run(recipe: str, tmp_path, micro_lm, *extra) -> dict:
 
 
 def compressed_weights(report: dict) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted((report["dir"] / "model").glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return {k: v for k, v in tensors.items() if ".layers." in k and k.endswith("proj.weight")}
+    """The block Linear weights of the export, as transformers (with compressed-tensors) loads them."""
+    state = load_export(report["dir"] / "model").state_dict()
+    return {k: v for k, v in state.items() if ".layers." in k and k.endswith("proj.weight")}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -126,7 +126,7 @@ def test_registry_marks_calibration_needs():
 
 @pytest.mark.parametrize("bad,field", [
     (dict(block_size=0), "block_size"), (dict(damp=0.0), "damp"), (dict(bits=9), "bits"), (dict(group_size=12), "group_size"),
-    (dict(precision="bfloat16"), "precision"),
+    (dict(precision="bfloat16"), "precision"), (dict(scale_dtype="int8"), "scale_dtype"),
 ])
 def test_params_validate_themselves(bad, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
@@ -331,6 +331,6 @@ def test_compress_layer_passes_h_to_the_techniques():
     recipe = build_recipe({"model": {"path": "x"}, "stages": [
         {"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq", "bits": 4, "group_size": 32}]})
     W, X = make_layer(seed=14)
-    W_hat, metrics = compress_layer(W, "layers.0.q_proj", recipe.stages, hessian(X))
+    W_hat, metrics, _ = compress_layer(W, "layers.0.q_proj", recipe.stages, hessian(X))
     assert ((W_hat != 0).reshape(OUT, -1, 4).sum(-1) <= 2).all()
     assert metrics.methods == ["sparsegpt", "gptq"] and metrics.bits == 4

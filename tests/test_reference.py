@@ -91,7 +91,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_unknown_name_lists_valid_names(tmp_path, monkeypatch):
     monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path))
-    with pytest.raises(KeyError, match="micro-lm, tiny-lm"):
+    with pytest.raises(KeyError, match="micro-lm, minilm, tiny-lm"):
         resolve_reference("no-such-model", progress=False)
 
 

@@ -63,6 +63,17 @@ def test_rtn_symmetric_grid_is_the_standard_one():
     assert r.weight[0, 0].item() == pytest.approx(-7.0 * 8 / 7.5)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_scales_for_a_16_bit_checkpoint_are_representable_in_it(scale_dtype):
+    """A bf16 checkpoint stores bf16 scales: dequantizing with them must give the weights RTN chose."""
+    W = torch.randn(16, 256) * 0.02
+    r = rtn(W, QuantizeParams(bits=4, group_size=128, scale_dtype=str(scale_dtype).removeprefix("torch.")))
+    assert torch.equal(r.quant.scale.to(scale_dtype).float(), r.quant.scale)
+    stored = r.weight.to(scale_dtype)
+    rebuilt = (r.qweight.reshape(16, 2, 128) - r.quant.zero[..., None]).to(scale_dtype) * r.quant.scale.to(scale_dtype)[..., None]
+    assert torch.equal(rebuilt.reshape(16, 256), stored)
+
+
 def test_rtn_keeps_zeros_zero():
     W = random_weight()
     W[:, ::3] = 0
@@ -101,7 +112,7 @@ def test_magnitude_then_rtn_keeps_the_pattern():
     recipe = build_recipe({"model": {"path": "x"}, "stages": [
         {"method": "magnitude", "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}]})
     W = random_weight(16, 64)
-    W_hat, metrics = compress_layer(W, "layers.0.q_proj", recipe.stages)
+    W_hat, metrics, _ = compress_layer(W, "layers.0.q_proj", recipe.stages)
     assert ((W_hat != 0).reshape(16, -1, 4).sum(-1) <= 2).all()
     assert metrics.methods == ["magnitude", "rtn"] and metrics.bits == 4
     assert 0 < metrics.relative_error < 1

@@ -106,7 +106,7 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
 
     static = p.act_order  # fit every group up front, on the original W
     if static:
-        scale, zero = fit_qparams(group_view(W, g).float(), p.bits, p.symmetric)  # [out, n_groups] each
+        scale, zero = fit_qparams(group_view(W, g).float(), p.bits, p.symmetric, p.scale_dtype)  # [out, n_groups] each
     else:
         scale = torch.ones(out_features, n_groups, dtype=torch.float32, device=W.device)
         zero = torch.zeros(out_features, n_groups, dtype=torch.int32, device=W.device)
@@ -129,7 +129,7 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
             j = i1 + i
             if not static and j % g == 0:  # first column of a group: fit it as it is now
                 cols = updated_columns(W, Err1, U, i1, i2, j, j + g)  # [out, g]
-                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric)
+                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric, p.scale_dtype)
             k = column[j] // g  # the column's group (its original index, also under act_order)
             s, z = scale[:, k].to(W.dtype), zero[:, k]  # [out]
             w = W[:, j] - U1[:i, i] @ Err1[:i]  # [out] column j with the OBS updates of the block's columns before it

@@ -37,8 +37,19 @@ def group_view(W: torch.Tensor, group_size: int) -> torch.Tensor:
     return W.reshape(out_features, in_features // group_size, group_size)
 
 
-def fit_qparams(Wg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero for groups Wg [..., g] over the last axis -> ([...], [...])."""
+# dtypes scales can be stored in; "auto" (the checkpoint's dtype) is resolved by the worker before a
+# technique runs, and means float32 if it ever reaches here
+SCALE_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fit_qparams(Wg: torch.Tensor, bits: int, symmetric: bool,
+                scale_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for groups Wg [..., g] over the last axis -> ([...], [...]).
+
+    The scale is rounded to `scale_dtype` (returned as float32): a checkpoint that
+    stores its scales in bfloat16 then dequantizes to exactly the weights the
+    technique chose.
+    """
     qmin, qmax = int_range(bits)
     if symmetric:
         absmax = Wg.abs().amax(dim=-1)
@@ -49,7 +60,8 @@ def fit_qparams(Wg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Ten
         hi = Wg.amax(dim=-1).clamp(min=0)
         scale = (hi - lo) / (qmax - qmin)
         zero = None
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group
+    scale = scale.to(SCALE_DTYPES[scale_dtype]).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group (or underflow)
     if zero is None:
         zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zero

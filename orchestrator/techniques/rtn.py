@@ -6,9 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, group_view, quantize
+from orchestrator.techniques.grid import SCALE_DTYPES, QuantParams, dequantize, fit_qparams, group_view, quantize
 from orchestrator.techniques.registry import register
 from orchestrator.techniques.result import LayerResult
+
+
+def check_scale_dtype(scale_dtype: str) -> None:
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype: must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
 
 
 @dataclass
@@ -18,8 +23,10 @@ class QuantizeParams:
     bits: int = 4
     group_size: int = 128  # columns sharing one scale; -1 = one scale per output channel
     symmetric: bool = True
+    scale_dtype: str = "auto"  # scales stored as: auto (the checkpoint's dtype), float32, bfloat16, float16
 
     def __post_init__(self):
+        check_scale_dtype(self.scale_dtype)
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits: must be an integer in 2..8, got {self.bits}")
         g = self.group_size
@@ -32,7 +39,7 @@ def rtn(W: torch.Tensor, p: QuantizeParams, H: torch.Tensor | None = None) -> La
     """W [out, in] -> the nearest grid point of every weight, group by group. H is ignored (data-free)."""
     group_size = W.shape[1] if p.group_size == -1 else p.group_size
     Wg = group_view(W, group_size)  # [out, n_groups, g]
-    scale, zero = fit_qparams(Wg, p.bits, p.symmetric)  # [out, n_groups] each
+    scale, zero = fit_qparams(Wg, p.bits, p.symmetric, p.scale_dtype)  # [out, n_groups] each
     q = quantize(Wg, scale[..., None], zero[..., None], p.bits)  # [out, n_groups, g]
     W_hat = dequantize(q, scale[..., None], zero[..., None]).reshape(W.shape)
     return LayerResult(

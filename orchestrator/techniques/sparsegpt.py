@@ -61,13 +61,14 @@ class SparseGPTParams(PruneParams):
     bits: Optional[int] = None  # set: quantize the kept weights in the same pass
     group_size: int = 128  # as QuantizeParams, used when bits is set
     symmetric: bool = True  # as QuantizeParams, used when bits is set
+    scale_dtype: str = "auto"  # as QuantizeParams, used when bits is set
     precision: str = "float32"  # of the factorisation and the sweep: float32 | float64
 
     def __post_init__(self):
         super().__post_init__()
         check_sweep(self.block_size, self.damp, self.precision)
         if self.bits is not None:
-            QuantizeParams(self.bits, self.group_size, self.symmetric)  # raises "bits: ..." / "group_size: ..."
+            QuantizeParams(self.bits, self.group_size, self.symmetric, self.scale_dtype)  # raises "bits: ..." / "group_size: ..."
 
 
 @register("sparsegpt", "prune", SparseGPTParams, needs_calibration=True)
@@ -122,7 +123,7 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
                 pruned[:, j:j + m] = torch.zeros_like(cols, dtype=torch.bool).scatter_(1, lowest, True)
             if g is not None and j % g == 0:  # first column of a quantization group
                 cols = updated_columns(W, Err1, U, i1, i2, j, j + g).masked_fill(pruned[:, j:j + g], 0)
-                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric)
+                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric, p.scale_dtype)
             w = W[:, j] - U1[:i, i] @ Err1[:i]  # [out] column j with the block's updates so far
             d = U1[i, i]
             q = w.masked_fill(pruned[:, j], 0)  # [out]

@@ -1,0 +1,184 @@
+"""Export: turn the run's dense, fake-quantized checkpoint into a compressed-tensors checkpoint.
+
+The workers produce every compressed weight as it will be computed with (on
+the integer grid, stored in the model's dtype) plus, for quantized layers, the
+grid's scales and zero points (written beside the shard as `<file>.quant`).
+This module rewrites that checkpoint file by file (never more than one file's
+tensors in memory) with the compressed-tensors library:
+
+- quantized Linear layers, one config group per (bits, group size, symmetric)
+  scheme: symmetric grids as pack-quantized (the format the library infers for
+  integer weight-only schemes: `weight_packed` int32 words holding 32 / bits
+  integers each, `weight_scale`, `weight_shape`); asymmetric grids as
+  naive-quantized (`weight` int8, `weight_scale`, `weight_zero_point`), because
+  compressed-tensors 0.20.x cannot load its own packed zero points: when
+  transformers builds the compressed layout on the meta device the library
+  leaves `weight_zero_point` unpacked ([out, groups]) while `compress` writes
+  it packed ([out * bits / 32, groups]), so the load fails with a size mismatch;
+- every other tensor (embeddings, norms, head, pruned-only layers, layers the
+  recipe leaves alone) is copied in its dense dtype; the Linear modules among
+  them are listed in `ignore`;
+- `config.json` gets the library's `quantization_config`.
+
+Every packed layer is unpacked again with the library and compared with the
+weight the run evaluated: an export that would not reproduce it raises.
+
+Sparsity is stored as explicit zeros. compressed-tensors 0.20 (the version
+transformers 5.23 requires, >= 0.15) removed its sparse compressors (bitmask,
+2:4): `sparse-bitmask` / `sparse-24-bitmask` remain only as legacy config names
+and `ModelCompressor.update_config` writes an empty `sparsity_config`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from compressed_tensors import __version__ as ct_version
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+)
+from safetensors.torch import load_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from orchestrator.checkpoint import INDEX_NAME, copy_non_weight_files, file_sha256, write_index, write_tensors
+from orchestrator.techniques.grid import QuantParams
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One compressed-tensors config group: the grid a set of layers was quantized on."""
+
+    bits: int
+    group_size: int  # -1: one scale per output channel
+    symmetric: bool
+
+    @property
+    def format(self) -> CompressionFormat:
+        return CompressionFormat.pack_quantized if self.symmetric else CompressionFormat.naive_quantized
+
+    def args(self) -> QuantizationArgs:
+        per_channel = self.group_size == -1
+        return QuantizationArgs(num_bits=self.bits, type="int", symmetric=self.symmetric,
+                                strategy="channel" if per_channel else "group",
+                                group_size=None if per_channel else self.group_size)
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    module: str  # module name in the loaded model (what `targets` / `ignore` match)
+    weight_key: str  # the dense weight's checkpoint key; its module prefix names the packed tensors
+    scheme: Scheme
+
+
+def quant_tensors(layer_name: str, quant: QuantParams) -> dict[str, torch.Tensor]:
+    """The side-file entries of one quantized layer: scale [out, n_groups] float32, zero int32."""
+    return {f"{layer_name}.weight_scale": quant.scale.float().contiguous(),
+            f"{layer_name}.weight_zero_point": quant.zero.to(torch.int32).contiguous()}
+
+
+def scheme_of(quant: QuantParams, in_features: int) -> Scheme:
+    return Scheme(quant.bits, -1 if quant.group_size == in_features else quant.group_size, quant.symmetric)
+
+
+def pack_layer(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme,
+                   name: str) -> dict[str, torch.Tensor]:
+    """W [out, in] (on the grid, model dtype) -> the library's compressed tensors (local names).
+
+    Raises if unpacking them does not give back W exactly.
+    """
+    qscheme = QuantizationScheme(targets=["Linear"], weights=scheme.args(), format=scheme.format.value)
+    compressor = BaseCompressor.get_value_from_registry(scheme.format.value)
+    state = {"weight": W.float(), "weight_scale": scale, "weight_zero_point": zero.to(torch.int8)}
+    packed = compressor.compress(state, qscheme)
+    packed["weight_scale"] = packed["weight_scale"].to(W.dtype)  # what a loader casts it to
+    back = compressor.decompress(dict(packed), qscheme)["weight"].to(W.dtype)
+    if not torch.equal(back, W):
+        worst = (back.float() - W.float()).abs().max().item()
+        raise RuntimeError(f"export: {name} does not survive packing (max difference {worst:g}); "
+                           "its weights are not on the grid its scales describe")
+    return packed
+
+
+def linear_modules(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def quantization_config(layers: list[QuantizedLayer], all_linears: list[str]) -> dict:
+    """config.json's quantization_config, built and serialised by the library."""
+    by_scheme: dict[Scheme, list[str]] = defaultdict(list)
+    for layer in layers:
+        by_scheme[layer.scheme].append(layer.module)
+    quantized = {layer.module for layer in layers}
+    ignore = [name for name in all_linears if name not in quantized]
+    groups = {}
+    for i, (scheme, modules) in enumerate(sorted(by_scheme.items(), key=lambda kv: kv[1][0])):
+        # one scheme for everything: the usual `Linear` target; several: the exact module names
+        targets = ["Linear"] if len(by_scheme) == 1 else sorted(modules)
+        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=scheme.args(), format=scheme.format.value)
+    formats = {scheme.format for scheme in by_scheme}
+    config = QuantizationConfig(config_groups=groups, ignore=ignore, quantization_status=QuantizationStatus.COMPRESSED,
+                                format=formats.pop().value if len(formats) == 1 else CompressionFormat.mixed_precision.value)
+    data = config.model_dump(exclude=["quant_method"])
+    return {"version": ct_version, "quant_method": "compressed-tensors", "sparsity_config": {},
+            "transform_config": {}, **data}
+
+
+def export(dense_dir: Path, quant_dir: Path, out_dir: Path, layers: list[QuantizedLayer],
+           all_linears: list[str]) -> dict:
+    """dense_dir (the run's checkpoint; quant_dir holds a side file of scales and zeros per shard file)
+    -> out_dir in compressed-tensors format.
+
+    Returns the format and the byte accounting: total tensor bytes, and the
+    quantized layers' bytes and weight count (for bits per weight).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map = json.loads((dense_dir / INDEX_NAME).read_text())["weight_map"]
+    by_key = {layer.weight_key: layer for layer in layers}
+    new_map: dict[str, str] = {}
+    total_bytes = quant_bytes = quant_weights = 0
+    for fname in sorted(set(weight_map.values())):
+        tensors = load_file(dense_dir / fname)
+        side = quant_dir / fname
+        quant = load_file(side) if side.exists() else {}
+        for key in [k for k in tensors if k in by_key]:
+            layer = by_key[key]
+            W = tensors.pop(key)
+            prefix = key.removesuffix(".weight")
+            packed = pack_layer(W, quant[f"{layer.module}.weight_scale"],
+                                    quant[f"{layer.module}.weight_zero_point"], layer.scheme, layer.module)
+            for local, t in packed.items():
+                tensors[f"{prefix}.{local}"] = t
+            quant_bytes += sum(t.numel() * t.element_size() for t in packed.values())
+            quant_weights += W.numel()
+        total_bytes += write_tensors(out_dir / fname, tensors)
+        new_map.update({k: fname for k in tensors})
+    write_index(out_dir, new_map, total_bytes)
+    copy_non_weight_files(dense_dir, out_dir)
+    fmt = "dense safetensors"
+    if layers:
+        config_path = out_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = quantization_config(layers, all_linears)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        fmt = f"compressed-tensors {config['quantization_config']['format']}"
+    return {"format": fmt, "tensor_bytes": total_bytes, "quantized_layer_bytes": quant_bytes,
+            "quantized_weights": quant_weights}
+
+
+def write_manifest(folder: Path) -> None:
+    """sha256 of every file of the exported checkpoint (manifest.json itself excluded)."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
