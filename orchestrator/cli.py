@@ -57,15 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
     ls = ref_sub.add_parser("list", help="list the reference models")
     ls.set_defaults(func=cmd_reference_list)
 
-    e = sub.add_parser("eval", help="measure a model folder (dense or compressed): held-out perplexity")
+    e = sub.add_parser("eval", help="measure a model folder (dense or compressed), against a baseline if given")
     e.add_argument("model_dir", help="a Hugging Face model folder, e.g. RUN/model")
+    e.add_argument("--baseline", help="the dense model folder: adds KL divergence / embedding fidelity, "
+                                      "per-layer error and the compression ratio")
     e.add_argument("--source", default="reference", help="held-out text: 'reference' or a .txt file (default: %(default)s)")
-    e.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: %(default)s)")
+    e.add_argument("--seq-len", type=int, default=128, help="tokens per window / sentence (default: %(default)s)")
     e.add_argument("--max-windows", type=int, default=64, help="windows evaluated, 0 = all (default: %(default)s)")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--no-speed", action="store_true", help="skip the latency / throughput measurement")
     e.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--out", help="write the report (JSON) here")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: %(default)s)")
+    e.add_argument("--experiment", default="orchestrator", help="MLflow experiment (default: %(default)s)")
+    e.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="runs side by side: a table and a size-versus-quality Pareto plot")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders (with report.json) or MLflow run ids")
+    c.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store for run ids (default: %(default)s)")
+    c.add_argument("--out", default="compare", help="folder for compare.md and pareto.png (default: %(default)s)")
+    c.set_defaults(func=cmd_compare)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the run store")
     ui.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow backend store (default: %(default)s)")
@@ -96,30 +109,60 @@ def cmd_run(args) -> int:
 
 def cmd_eval(args) -> int:
     import json
+    import tempfile
+    import time
     from pathlib import Path
 
     from orchestrator.errors import UserError
-    from orchestrator.partition import CAUSAL_LM, load_config, task_of
+    from orchestrator.partition import CAUSAL_LM, block_linears, load_config, skeleton, task_of
     from orchestrator.recipe import EvalDataConfig
 
-    model_dir = Path(args.model_dir).expanduser()
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"model_dir: {model_dir} has no config.json (not a Hugging Face model folder)")
-    if task_of(load_config(model_dir, False)) != CAUSAL_LM:
-        raise UserError(f"model_dir: {model_dir} is not a causal LM; perplexity needs one")
+    folders = {"model_dir": Path(args.model_dir).expanduser()}
+    if args.baseline:
+        folders["--baseline"] = Path(args.baseline).expanduser()
+    for key, folder in folders.items():
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{key}: {folder} has no config.json (not a Hugging Face model folder)")
     for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value < 1:
             raise UserError(f"{flag}: must be >= 1, got {value}")
+    model_dir, baseline = folders["model_dir"], folders.get("--baseline")
+    config = load_config(model_dir)
+    causal = task_of(config) == CAUSAL_LM
+    if not causal and baseline is None:
+        raise UserError("--baseline: an encoder's quality is its embedding fidelity to the dense model; "
+                        "pass the dense folder")
     cfg = EvalDataConfig(source=args.source, seq_len=args.seq_len, max_windows=args.max_windows,
-                         batch_size=args.batch_size)
-    from orchestrator.evaluate import perplexity
+                         batch_size=args.batch_size, speed=not args.no_speed)
+    if not causal:
+        from orchestrator.evaluate import eval_sentences
 
-    result = perplexity(model_dir, cfg, threads=args.threads)
-    if args.json:
-        print(json.dumps({"model_dir": str(model_dir), **result.summary()}, indent=2))
-    else:
-        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of "
-              f"{cfg.seq_len}) in {result.seconds:.1f} s")
+        eval_sentences(cfg)  # bad data: exit 2 now
+    from orchestrator import report, tracking
+    from orchestrator.evaluate import evaluate_folders
+
+    model = skeleton(config)
+    start = time.perf_counter()
+    result = evaluate_folders(model_dir, baseline, causal, cfg, args.threads, block_linears(model))
+    data = report.build_eval(model_dir, baseline, cfg, sum(p.numel() for p in model.parameters()), result,
+                             time.perf_counter() - start)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp()) / "eval-report.json"
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    if not args.no_tracking:
+        data["mlflow_run_id"] = tracking.log_eval(data, out, args.tracking_uri, args.experiment)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps(data, indent=2) if args.json else report.eval_table(data))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from orchestrator.compare import compare
+
+    table = compare(args.runs, args.tracking_uri, Path(args.out))
+    print(table)
+    print(f"\nwrote {Path(args.out) / 'compare.md'} and {Path(args.out) / 'pareto.png'}")
     return 0
 
 

@@ -107,6 +107,10 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
     calibration = None
     needs_calibration = any(s.technique.needs_calibration for s in recipe.stages)
     measures_perplexity = partition.task == CAUSAL_LM and cfg.data.eval.enabled
+    if partition.task != CAUSAL_LM and cfg.data.eval.enabled:
+        from orchestrator.evaluate import eval_sentences
+
+        eval_sentences(cfg.data.eval)
     if needs_calibration or measures_perplexity:  # data problems surface now, not inside a Ray task
         from transformers import AutoTokenizer
 
@@ -279,6 +283,8 @@ def shard_record(shard, result: ShardResult, attempts: int) -> dict:
         "index": shard.index,
         "modules": shard.modules,
         "seconds": round(result.seconds, 3),
+        "capture_seconds": round(result.capture_seconds, 3),
+        "cpu_seconds": round(result.cpu_seconds, 3),
         "attempts": attempts,
         "worker": result.worker,
         "error": {m.name: m.relative_error for m in result.layers},
@@ -311,9 +317,27 @@ def export_model(plan: Plan, partial: Path, compressed: Compressed) -> dict:
     return sizes
 
 
+def measure(plan: Plan, compressed_dir: Path, eval_dir: Path) -> tuple[dict, dict | None]:
+    """Quality of the compressed checkpoint against the dense one, and the speed of each: one Ray task
+    in a fresh process. -> (quality, speed). Causal LMs: perplexity of both and the KL divergence (the
+    first window's logits saved to eval_dir); encoders: embedding fidelity."""
+    from orchestrator import evaluate, report
+
+    cfg = plan.recipe.config.data.eval
+    if not cfg.enabled:
+        return {"dense": None, "compressed": None}, None
+    threads = int(max(1, plan.recipe.config.cluster.cpus_per_worker))
+    causal = plan.partition.task == CAUSAL_LM
+    task = ray.remote(num_cpus=threads, max_calls=1)(evaluate.evaluate_folders)
+    result = ray.get(task.remote(str(compressed_dir), str(plan.model_dir), causal, cfg, threads))
+    if causal:
+        report.save_sample_logits(eval_dir, result["samples"]["dense"], result["samples"]["compressed"])
+    return result["quality"], result["speed"]
+
+
 def run(plan: Plan, progress: bool = True) -> dict:
     """Execute a plan; returns the report (also written to the run folder)."""
-    from orchestrator import evaluate, report, tracking
+    from orchestrator import plots, report, tracking
 
     recipe, timer, started = plan.recipe, Timer(), time.time()
     timer.add("plan", plan.seconds)
@@ -329,24 +353,13 @@ def run(plan: Plan, progress: bool = True) -> dict:
     owns_ray = start_ray(recipe)
     timer.add("ray_start", time.perf_counter() - t)
     try:
-        eval_cfg = recipe.config.data.eval
-        threads = int(max(1, recipe.config.cluster.cpus_per_worker))
-        evaluate_remote = ray.remote(num_cpus=1)(evaluate.perplexity)
-        measure_perplexity = plan.partition.task == CAUSAL_LM and eval_cfg.enabled
-        dense_ref = evaluate_remote.remote(str(plan.model_dir), eval_cfg, threads) if measure_perplexity else None
-
         t = time.perf_counter()
         compressed = compress_all(plan, staging, quant_dir, progress)
         write_rest(plan, staging, compressed)
         timer.add("compress", time.perf_counter() - t)
 
         t = time.perf_counter()
-        quality = {"dense": None, "compressed": None}
-        if measure_perplexity:
-            compressed_ref = evaluate_remote.remote(str(staging), eval_cfg, threads)
-            dense_ppl, compressed_ppl = ray.get([dense_ref, compressed_ref])
-            quality = {"dense": dense_ppl.summary(), "compressed": compressed_ppl.summary()}
-            report.save_sample_logits(partial / "eval", dense_ppl, compressed_ppl)
+        quality, speed = measure(plan, staging, partial / "eval")
         timer.add("evaluate", time.perf_counter() - t)
     finally:
         if owns_ray:
@@ -355,7 +368,8 @@ def run(plan: Plan, progress: bool = True) -> dict:
     t = time.perf_counter()
     sizes = export_model(plan, partial, compressed)
     timer.add("export", time.perf_counter() - t)
-    data = report.build(plan, compressed.shards, quality, timer.phases, started, partial / "model", sizes)
+    data = report.build(plan, compressed.shards, quality, speed, timer.phases, started, partial / "model", sizes)
+    plots.run_plots(data, partial / "plots")
 
     def write_report(d: dict) -> None:
         d["timing"]["total_s"] = round(time.perf_counter() - t0, 3)

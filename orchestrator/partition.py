@@ -80,6 +80,13 @@ def skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Mo
         return auto.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def block_linears(model: nn.Module) -> list[str]:
+    """Full names of the Linear (and Conv1D) modules inside the transformer blocks."""
+    prefix, blocks = find_blocks(model)
+    return [f"{prefix}.{b}.{name}" for b, block in enumerate(blocks)
+            for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The longest ModuleList whose children all share one class: the transformer blocks."""
     best: tuple[str, nn.ModuleList] | None = None

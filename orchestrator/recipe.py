@@ -31,11 +31,16 @@ class ModelConfig:
 
 @dataclass
 class EvalDataConfig:
-    enabled: bool = True  # false: skip perplexity (e.g. when timing compression alone)
+    enabled: bool = True  # false: no quality or speed measurement (e.g. when timing compression alone)
     source: str = "reference"  # "reference" (held-out split of the reference corpus) or a .txt file
-    seq_len: int = 128  # tokens per non-overlapping window
-    max_windows: int = 64  # cap on windows evaluated (0 = all)
+    seq_len: int = 128  # tokens per non-overlapping window (causal LMs); max tokens per sentence (encoders)
+    max_windows: int = 64  # causal LMs: cap on windows evaluated (0 = all)
     batch_size: int = 8
+    sentences: int = 256  # encoders: held-out sentences embedded
+    top_k: int = 10  # encoders: neighbours compared for top-k agreement
+    speed: bool = True  # measure forward latency / throughput of the dense and compressed models
+    speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    speed_repeats: int = 5  # timed forward passes per batch size (after one warm-up)
 
 
 @dataclass
@@ -203,6 +208,11 @@ def check_values(c: RecipeConfig) -> None:
         (c.data.eval.seq_len >= 8, "data.eval.seq_len", "must be >= 8"),
         (c.data.eval.max_windows >= 0, "data.eval.max_windows", "must be >= 0"),
         (c.data.eval.batch_size >= 1, "data.eval.batch_size", "must be >= 1"),
+        (c.data.eval.sentences >= 2, "data.eval.sentences", "must be >= 2"),
+        (1 <= c.data.eval.top_k < c.data.eval.sentences, "data.eval.top_k", "must be in 1..sentences-1"),
+        (bool(c.data.eval.speed_batch_sizes) and min(c.data.eval.speed_batch_sizes) >= 1,
+         "data.eval.speed_batch_sizes", "must be a non-empty list of integers >= 1"),
+        (c.data.eval.speed_repeats >= 1, "data.eval.speed_repeats", "must be >= 1"),
         (c.data.calibration.num_samples >= 1, "data.calibration.num_samples", "must be >= 1"),
         (c.data.calibration.seq_len >= 8, "data.calibration.seq_len", "must be >= 8"),
         (c.data.calibration.batch_size >= 1, "data.calibration.batch_size", "must be >= 1"),

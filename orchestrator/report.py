@@ -11,8 +11,8 @@ from pathlib import Path
 from orchestrator.checkpoint import folder_bytes, write_tensors
 
 
-def build(plan, shards: list[dict], quality: dict, phases: dict, started: float, model_dir: Path,
-          sizes: dict) -> dict:
+def build(plan, shards: list[dict], quality: dict, speed: dict | None, phases: dict, started: float,
+          model_dir: Path, sizes: dict) -> dict:
     recipe, partition = plan.recipe, plan.partition
     dense_bytes = folder_bytes(plan.model_dir)
     compressed_bytes = folder_bytes(model_dir)
@@ -32,6 +32,7 @@ def build(plan, shards: list[dict], quality: dict, phases: dict, started: float,
             "task": partition.task,
             "params": partition.num_params,
             "blocks": partition.num_blocks,
+            "dense_bits": dense_bits(plan.model_dir),
         },
         "size": {
             "dense_bytes": dense_bytes,
@@ -41,6 +42,7 @@ def build(plan, shards: list[dict], quality: dict, phases: dict, started: float,
             "bits_per_weight": bits_per_weight(sizes, partition.num_params),
         },
         "quality": quality,
+        "speed": speed,
         "calibration": calibration_summary(plan),
         "compression": {
             "layers": len(layers),
@@ -48,6 +50,7 @@ def build(plan, shards: list[dict], quality: dict, phases: dict, started: float,
             "mean_sparsity": sum(l["sparsity"] for l in layers) / max(1, len(layers)),
         },
         "timing": {"total_s": None, "phases": phases},
+        "cost": cost(plan, shards, phases),
         "cluster": {
             "address": recipe.config.cluster.address or "local",
             "workers": recipe.config.cluster.workers,
@@ -56,6 +59,29 @@ def build(plan, shards: list[dict], quality: dict, phases: dict, started: float,
         },
         "shards": shards,
         "mlflow": None,
+    }
+
+
+def dense_bits(model_dir: Path) -> int:
+    """Bits per weight of the dense checkpoint's dtype (config.json's torch_dtype / dtype; float32 if unset)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}.get(str(dtype), 32)
+
+
+def cost(plan, shards: list[dict], phases: dict) -> dict:
+    """What the compression used: worker time (capture and compress), CPU and GPU seconds, utilisation."""
+    workers = min(plan.recipe.config.cluster.workers, len(shards)) or 1
+    busy = sum(s["capture_seconds"] + s["seconds"] for s in shards)
+    wall = phases.get("compress") or 0.0
+    return {
+        "worker_capture_s": round(sum(s["capture_seconds"] for s in shards), 3),
+        "worker_compress_s": round(sum(s["seconds"] for s in shards), 3),
+        "worker_cpu_s": round(sum(s["cpu_seconds"] for s in shards), 3),
+        "worker_gpu_s": round(sum(s["capture_seconds"] + s["seconds"] for s in shards
+                                  if s["worker"].get("device") == "cuda"), 3),
+        # busy worker time over what the workers could have given during the compress phase
+        "worker_utilisation": round(busy / (wall * workers), 4) if wall else None,
     }
 
 
@@ -75,6 +101,64 @@ def calibration_summary(plan) -> dict | None:
     return {"source": cfg.data.calibration.source, "num_samples": int(plan.calibration.input_ids.shape[0]),
             "seq_len": int(plan.calibration.input_ids.shape[1]), "seed": cfg.data.calibration.seed,
             "mode": cfg.partition.calibration, "sha256": plan.calibration.sha256}
+
+
+def build_eval(model_dir: Path, baseline_dir: Path | None, cfg, num_params: int, result: dict,
+               seconds: float) -> dict:
+    """The report of `orchestrator eval`: size, quality, speed and per-layer statistics of one folder."""
+    model_bytes = folder_bytes(model_dir)
+    layers = result["layers"]
+    data = {
+        "kind": "eval",
+        "model_dir": str(model_dir),
+        "baseline_dir": str(baseline_dir) if baseline_dir else None,
+        "eval": dict(vars(cfg)),
+        "size": {
+            "bytes": model_bytes,
+            "dense_bytes": folder_bytes(baseline_dir) if baseline_dir else None,
+            "compression_ratio": round(folder_bytes(baseline_dir) / model_bytes, 4) if baseline_dir else None,
+            "bits_per_weight": round(8 * weight_bytes(model_dir) / num_params, 4),
+            "sparsity": sum(l["sparsity"] for l in layers) / len(layers) if layers else None,
+        },
+        "quality": result["quality"],
+        "speed": result["speed"],
+        "layers": layers,
+        "peak_rss_bytes": result["peak_rss_bytes"],
+        "seconds": round(seconds, 3),
+    }
+    return data
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the safetensors files: the tensors (packed integers, scales, zeros) and their headers."""
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def eval_table(data: dict) -> str:
+    """`orchestrator eval`'s terminal summary."""
+    size, q = data["size"], data["quality"]
+    rows = [f"model folder            {data['model_dir']}",
+            f"size on disk            {human_bytes(size['bytes'])}"
+            + (f"  ({size['compression_ratio']:.2f}x smaller than the baseline)" if size["compression_ratio"] else ""),
+            f"bits per weight         {size['bits_per_weight']:.3f}"]
+    if size["sparsity"] is not None:
+        rows.append(f"mean layer sparsity     {size['sparsity']:.4f}")
+    if q.get("compressed") and "perplexity" in q["compressed"]:
+        rows.append(f"perplexity              {q['compressed']['perplexity']:.4f}"
+                    + (f"  (baseline {q['dense']['perplexity']:.4f})" if q.get("dense") else ""))
+        if q.get("kl_nats") is not None:
+            rows.append(f"KL from baseline        {q['kl_nats']:.6f} nats/token")
+    if q.get("compressed") and "fidelity" in q["compressed"]:
+        fid = q["compressed"]["fidelity"]
+        rows.append(f"embedding cosine        {fid['cosine_mean']:.5f} (min {fid['cosine_min']:.4f})")
+        rows.append(f"top-{fid['k']} agreement       {fid['topk_agreement']:.4f}")
+    for name, sp in (data.get("speed") or {}).items():
+        for b, row in sp["batch"].items():
+            rows.append(f"{name} batch {b}: {row['tokens_per_s']:.0f} tokens/s, latency median "
+                        f"{1000 * row['latency_median_s']:.1f} ms (min {1000 * row['latency_min_s']:.1f}, "
+                        f"max {1000 * row['latency_max_s']:.1f})")
+        rows.append(f"{name} resident memory: {human_bytes(sp['resident_bytes'])}")
+    return "\n".join(rows)
 
 
 def write(run_dir: Path, data: dict) -> None:
@@ -109,8 +193,21 @@ def summary_rows(data: dict) -> list[tuple[str, str, str]]:
     size, q = data["size"], data["quality"]
     rows = [("size on disk", human_bytes(size["dense_bytes"]),
              f"{human_bytes(size['compressed_bytes'])} ({size['compression_ratio']:.2f}x smaller)")]
-    if q.get("dense") and q.get("compressed"):
+    bits = size["bits_per_weight"]
+    rows.append(("bits per weight (model)", str(data["model"]["dense_bits"]), f"{bits['model']:.2f}"))
+    if bits["quantized_layers"] is not None:
+        rows.append(("bits per weight (quantized layers)", "", f"{bits['quantized_layers']:.3f}"))
+    if q.get("compressed") and "perplexity" in q["compressed"]:
         rows.append(("perplexity (held-out)", f"{q['dense']['perplexity']:.3f}", f"{q['compressed']['perplexity']:.3f}"))
+        rows.append(("KL from dense (nats/token)", "0", f"{q['kl_nats']:.5f}"))
+    if q.get("compressed") and "fidelity" in q["compressed"]:
+        fid = q["compressed"]["fidelity"]
+        rows.append(("embedding cosine (mean)", "1", f"{fid['cosine_mean']:.5f}"))
+        rows.append((f"top-{fid['k']} neighbour agreement", "1", f"{fid['topk_agreement']:.4f}"))
+    for b, dense_speed in (data.get("speed") or {}).get("dense", {}).get("batch", {}).items():
+        compressed_speed = data["speed"]["compressed"]["batch"][b]
+        rows.append((f"tokens/s (batch {b})", f"{dense_speed['tokens_per_s']:.0f}",
+                     f"{compressed_speed['tokens_per_s']:.0f}"))
     comp = data["compression"]
     rows.append(("mean layer rel. error", "0", f"{comp['mean_relative_error']:.4f}"))
     rows.append(("mean layer sparsity", "", f"{comp['mean_sparsity']:.3f}"))

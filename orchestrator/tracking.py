@@ -24,14 +24,35 @@ def metrics_of(report: dict) -> dict[str, float]:
         "compression.mean_sparsity": report["compression"]["mean_sparsity"],
         "model.params": report["model"]["params"],
     }
-    for which in ("dense", "compressed"):
-        q = report["quality"].get(which)
-        if q:
-            m[f"quality.{which}.perplexity"] = q["perplexity"]
-            m[f"quality.{which}.nll_nats"] = q["nll"]
+    bits = report["size"]["bits_per_weight"]
+    m["size.bits_per_weight"] = bits["model"]
+    m["size.quantized_layers_bits_per_weight"] = bits["quantized_layers"]
+    m.update(quality_speed_metrics(report["quality"], report.get("speed")))
     for phase, seconds in report["timing"]["phases"].items():
         m[f"timing.{phase}_s"] = seconds
+    m["timing.total_s"] = report["timing"]["total_s"]
+    for key, value in report["cost"].items():
+        m[f"cost.{key}"] = value
     return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
+
+
+def quality_speed_metrics(q: dict, speed: dict | None) -> dict:
+    """Quality and speed metric names shared by runs and `orchestrator eval`."""
+    m = {"quality.kl_nats_per_token": q.get("kl_nats")}
+    for which in ("dense", "compressed"):
+        if q.get(which) and "perplexity" in q[which]:
+            m[f"quality.{which}.perplexity"] = q[which]["perplexity"]
+            m[f"quality.{which}.nll_nats"] = q[which]["nll"]
+    fid = (q.get("compressed") or {}).get("fidelity")
+    if fid:
+        m["quality.fidelity.cosine_mean"] = fid["cosine_mean"]
+        m[f"quality.fidelity.top{fid['k']}_agreement"] = fid["topk_agreement"]
+    for which, sp in (speed or {}).items():
+        m[f"speed.{which}.resident_bytes"] = sp["resident_bytes"]
+        for b, row in sp["batch"].items():
+            m[f"speed.{which}.batch{b}.latency_median_s"] = row["latency_median_s"]
+            m[f"speed.{which}.batch{b}.tokens_per_s"] = row["tokens_per_s"]
+    return m
 
 
 def log_run(recipe: Recipe, report: dict, run_folder: Path, write_report) -> dict | None:
@@ -68,14 +89,50 @@ def log_run(recipe: Recipe, report: dict, run_folder: Path, write_report) -> dic
             for shard in report["shards"]:
                 errors = list(shard["error"].values())
                 mlflow.log_metric("shard.seconds", shard["seconds"], step=shard["index"])
+                mlflow.log_metric("shard.capture_seconds", shard["capture_seconds"], step=shard["index"])
                 mlflow.log_metric("shard.mean_relative_error", sum(errors) / max(1, len(errors)), step=shard["index"])
             write_report(report)
             for name in ("recipe.yaml", "report.json", "report.md"):
                 mlflow.log_artifact(str(run_folder / name))
+            if (run_folder / "plots").is_dir():
+                mlflow.log_artifacts(str(run_folder / "plots"), artifact_path="plots")
             return info
     except Exception as e:  # tracking must never cost the user the compression
         warnings.warn(f"MLflow logging to {cfg.uri} failed ({type(e).__name__}: {e}); "
                       f"everything is kept in {run_folder.name}/")
         report["mlflow"] = None
         write_report(report)
+        return None
+
+
+def eval_metrics(data: dict) -> dict[str, float]:
+    """An eval report's metrics, under the same names as a run's where they mean the same."""
+    size = data["size"]
+    m = {"size.compressed_bytes": size["bytes"], "size.compression_ratio": size["compression_ratio"],
+         "size.bits_per_weight": size["bits_per_weight"], "compression.mean_sparsity": size["sparsity"],
+         **quality_speed_metrics(data["quality"], data.get("speed"))}
+    return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
+
+
+def log_eval(data: dict, report_path: Path, uri: str, experiment: str) -> str | None:
+    """One MLflow run (tag kind=eval) for `orchestrator eval`; -> its id, or None (with a warning) on failure."""
+    try:
+        import mlflow
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        tags = {"kind": "eval", "model": data["model_dir"], "baseline": data["baseline_dir"] or ""}
+        with mlflow.start_run(run_name=f"eval-{Path(data['model_dir']).parent.name}", tags=tags) as run:
+            mlflow.log_params({f"eval.{k}": str(v) for k, v in data["eval"].items()}
+                              | {"model_dir": data["model_dir"], "baseline_dir": str(data["baseline_dir"])})
+            mlflow.log_metrics(eval_metrics(data))
+            for i, layer in enumerate(data["layers"]):
+                mlflow.log_metric("layer.sparsity", layer["sparsity"], step=i)
+                if "relative_error" in layer:
+                    mlflow.log_metric("layer.relative_error", layer["relative_error"], step=i)
+            mlflow.log_artifact(str(report_path))
+            return run.info.run_id
+    except Exception as e:
+        warnings.warn(f"MLflow logging to {uri} failed ({type(e).__name__}: {e}); the report is in {report_path}")
         return None

@@ -43,6 +43,8 @@ class ShardResult:
     seconds: float
     worker: dict = field(default_factory=dict)  # node, pid, device
     quant: dict[str, QuantParams] = field(default_factory=dict)  # layer name -> its grid (quantized layers)
+    capture_seconds: float = 0.0  # running the blocks over the calibration activations (Hessians, outputs)
+    cpu_seconds: float = 0.0  # CPU time of the worker process on this shard, all threads
 
 
 def compress_layer(
@@ -137,7 +139,8 @@ class CompressionWorker:
         torch.set_num_threads(max(1, threads))
         self.model_dir, self.key_to_file, self.config = model_dir, key_to_file, config
         self.block_class = block_class_of(config) if config is not None else None
-        self.calibrated: dict[int, tuple[dict[str, torch.Tensor], HessianSet]] = {}  # shard -> (tensors, H)
+        # shard -> (tensors, Hessians, (capture wall s, capture CPU s))
+        self.calibrated: dict[int, tuple[dict[str, torch.Tensor], HessianSet, tuple[float, float]]] = {}
         self.device = "cpu"
         if ray.get_gpu_ids():
             if torch.cuda.is_available():
@@ -157,18 +160,20 @@ class CompressionWorker:
     def calibrate(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
                   stages: list[Stage]) -> list[torch.Tensor]:
         """Hessians of the layers that need them, kept here; returns the dense blocks' outputs."""
+        wall, cpu = time.perf_counter(), time.process_time()
         tensors = self.read(list(shard.tensor_keys))
         blocks = build_blocks(self.config, shard, tensors, self.block_class)
         wanted = [layer for layer in shard.linears
                   if any(s.technique.needs_calibration and s.applies_to(layer.name) for s in stages)]
         outputs, hessians = run_blocks(blocks, BlockInputs(hidden, kwargs), shard, wanted)
-        self.calibrated[shard.index] = (tensors, hessians)
+        self.calibrated[shard.index] = (tensors, hessians, (time.perf_counter() - wall, time.process_time() - cpu))
         return outputs
 
     def compress(self, shard: Shard, stages: list[Stage], hidden: list[torch.Tensor] | None = None,
                  kwargs: list[dict] | None = None) -> tuple[ShardResult, list[torch.Tensor] | None]:
         """-> (result, the compressed blocks' outputs on `hidden` when given (sequential mode), else None)."""
-        tensors, hessians = self.calibrated.pop(shard.index, (None, None))
+        cpu = time.process_time()
+        tensors, hessians, (capture_s, capture_cpu_s) = self.calibrated.pop(shard.index, (None, None, (0.0, 0.0)))
         if tensors is None:
             tensors = self.read(list(shard.tensor_keys))
         result = compress_shard(shard, tensors, stages, hessians.of if hessians else (lambda name: None))
@@ -178,4 +183,6 @@ class CompressionWorker:
             outputs, _ = run_blocks(blocks, BlockInputs(hidden, kwargs))
         ctx = ray.get_runtime_context()
         result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": self.device}
+        result.capture_seconds = capture_s
+        result.cpu_seconds = capture_cpu_s + time.process_time() - cpu
         return result, outputs
