@@ -288,7 +288,7 @@ def build_timing_model(dest: Path, tokenizer_dir: Path, hidden: int, layers: int
     params = sum(p.numel() for p in model.parameters())
     tmp = dest / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, max_shard_size="1GB")  # sharded, with model.safetensors.index.json, above 1 GB
     tok.save_pretrained(tmp)
     (tmp / "params.json").write_text(json.dumps({"params": params}))
     tmp.rename(folder)

@@ -35,10 +35,18 @@ def shard_file_name(position: int, total: int) -> str:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> int:
-    """Same tensors -> same bytes: keys sorted, contiguous, fixed metadata. Returns tensor bytes."""
+    """Same tensors -> same bytes: keys sorted, contiguous, fixed metadata. Returns tensor bytes.
+
+    Atomic: written beside the target, flushed, then renamed over it, so a reader (or a
+    retried shard writing the same file) never sees half a file.
+    """
     ordered = {k: tensors[k].contiguous() for k in sorted(tensors)}
-    save_file(ordered, str(path), metadata={"format": "pt"})
-    os.chmod(path, 0o644)  # safetensors writes 0600; a shared cluster folder must be readable
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(ordered, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; a shared cluster folder must be readable
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return sum(t.numel() * t.element_size() for t in ordered.values())
 
 

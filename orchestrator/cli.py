@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls = ref_sub.add_parser("list", help="list the reference models")
     ls.set_defaults(func=cmd_reference_list)
 
+    pl = sub.add_parser("plan", help="what a run will need (shards, memory per process, time), without running it")
+    pl.add_argument("recipe", help="recipe YAML file")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    pl.set_defaults(func=cmd_plan)
+
     e = sub.add_parser("eval", help="measure a model folder (dense or compressed), against a baseline if given")
     e.add_argument("model_dir", help="a Hugging Face model folder, e.g. RUN/model")
     e.add_argument("--baseline", help="the dense model folder: adds KL divergence / embedding fidelity, "
@@ -104,6 +109,18 @@ def cmd_run(args) -> int:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
     print(summary_table(data))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from orchestrator.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from orchestrator.driver import make_plan
+    from orchestrator.planner import describe
+
+    plan = make_plan(recipe, overwrite=True, progress=True)  # refuses (exit 2) what cannot fit
+    print(describe(plan.forecast, plan))
     return 0
 
 

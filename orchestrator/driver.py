@@ -25,17 +25,16 @@ from tqdm import tqdm
 from orchestrator.checkpoint import (
     copy_non_weight_files,
     fsync_dir,
-    read_keys,
     shard_file_name,
     write_index,
-    write_tensors,
 )
 from orchestrator.data import Calibration, calibration_windows
 from orchestrator.errors import UserError
-from orchestrator.export import QuantizedLayer, export, linear_modules, quant_tensors, scheme_of, write_manifest
+from orchestrator.export import QuantizedLayer, finish_export, linear_modules
 from orchestrator.partition import CAUSAL_LM, Partition, Shard, load_config, partition_model, skeleton
+from orchestrator.planner import Forecast, PeakRss, check_fits, forecast
 from orchestrator.recipe import Recipe, Stage
-from orchestrator.worker import CompressionWorker, ShardResult
+from orchestrator.worker import CompressionWorker, ShardFiles, ShardResult
 
 
 class ShardFailed(RuntimeError):
@@ -50,6 +49,7 @@ class Plan:
     run_dir: Path
     calibration: Calibration | None  # token windows, when a stage needs calibration
     seconds: float  # spent planning (a reference model's first build included)
+    forecast: Forecast | None = None  # predicted memory and time (planner.py)
 
     @property
     def calibrated(self) -> bool:
@@ -132,7 +132,11 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
         probe.unlink()
     except OSError as e:
         raise UserError(f"output.dir: cannot write to {out_root} ({e.strerror})") from None
-    return Plan(recipe, model_dir, partition, run_dir, calibration, time.perf_counter() - t0)
+    plan = Plan(recipe, model_dir, partition, run_dir, calibration, 0.0)
+    plan.forecast = forecast(plan)
+    check_fits(plan.forecast, plan)
+    plan.seconds = time.perf_counter() - t0
+    return plan
 
 
 def start_ray(recipe: Recipe) -> bool:
@@ -160,8 +164,8 @@ class ShardScheduler:
     the driver.
     """
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
+    def __init__(self, plan: Plan, evaluated_dir: Path, export_dir: Path):
+        self.plan, self.evaluated_dir, self.export_dir = plan, evaluated_dir, export_dir
         recipe, cluster = plan.recipe, plan.recipe.config.cluster
         self.stages = recipe.stages
         self.sequential = recipe.config.partition.calibration == "sequential"
@@ -181,16 +185,17 @@ class ShardScheduler:
     def submit(self, shard: Shard, actor) -> ray.ObjectRef:
         """Queue a shard on an actor; returns the ref of its ShardResult."""
         k = shard.index
+        fname = shard_file_name(k + 1, len(self.plan.partition.shards) + 1)
+        files = ShardFiles(str(self.evaluated_dir / fname), str(self.export_dir / fname))
+        compress = actor.compress.options(num_returns=2)
         if not self.plan.calibrated:
-            result, _ = actor.compress.options(num_returns=2).remote(shard, self.stages)
-            return result
+            return compress.remote(shard, self.stages, files)[0]
         dense_out = actor.calibrate.remote(shard, self.inputs[k], self.block_kwargs, self.stages)
         if self.sequential:
-            result, self.inputs[k + 1] = actor.compress.options(num_returns=2).remote(
-                shard, self.stages, self.inputs[k], self.block_kwargs)
+            result, self.inputs[k + 1] = compress.remote(shard, self.stages, files, self.inputs[k], self.block_kwargs)
         else:
             self.inputs[k + 1] = dense_out
-            result, _ = actor.compress.options(num_returns=2).remote(shard, self.stages)
+            result, _ = compress.remote(shard, self.stages, files)
         return result
 
     def done(self, shard: Shard) -> None:
@@ -203,30 +208,49 @@ class ShardScheduler:
 
 
 @dataclass
+class Checkpoint:
+    """A checkpoint the workers are writing file by file: which key is in which file, and its bytes."""
+
+    folder: Path
+    weight_map: dict[str, str] = field(default_factory=dict)
+    tensor_bytes: int = 0
+
+    def add(self, fname: str, keys: list[str], nbytes: int) -> None:
+        self.weight_map.update({k: fname for k in keys})
+        self.tensor_bytes += nbytes
+
+
+@dataclass
 class Compressed:
-    """What compress_all leaves behind: the dense checkpoint's pieces and what export needs."""
+    """What compress_all leaves behind."""
 
     shards: list[dict]  # shard records for the report
-    weight_map: dict[str, str]  # checkpoint key -> file in the dense staging folder
-    tensor_bytes: int
-    quantized: list[QuantizedLayer]  # layers export packs (their scales are in the quant folder)
+    evaluated: Checkpoint  # every weight on its grid, dense dtype: what the run evaluates
+    export: Checkpoint  # the same, packed: what the run delivers
+    quantized: list[QuantizedLayer]  # the layers packed in the export
+    packed_bytes: int  # their bytes there
+    quantized_weights: int  # their weight count
 
 
-def compress_all(plan: Plan, staging: Path, quant_dir: Path, progress: bool) -> Compressed:
-    """Run every shard on the actors; write each result as it arrives (dense tensors to `staging`,
-    the quantized layers' scales and zeros to `quant_dir`, same file name)."""
+def compress_all(plan: Plan, partial: Path, progress: bool) -> Compressed:
+    """Run every shard on the actors, which write each shard twice: partial/evaluated (as the run
+    evaluates it) and partial/model (packed, the export). The driver only keeps records."""
     partition = plan.partition
     max_attempts = plan.recipe.config.cluster.max_restarts + 1
     total_files = len(partition.shards) + 1  # the shards, and one file for everything outside the blocks
-    scheduler = ShardScheduler(plan)
+    evaluated, export = Checkpoint(partial / "evaluated"), Checkpoint(partial / "model")
+    scheduler = ShardScheduler(plan, evaluated.folder, export.folder)
+    rest_file = shard_file_name(0, total_files)  # everything outside the blocks, copied by a worker
+    rest_keys = sorted(partition.rest_keys)
+    rest = scheduler.actors[0].write_rest.remote(
+        rest_keys, ShardFiles(str(evaluated.folder / rest_file), str(export.folder / rest_file)))
     pending = deque(partition.shards)
     attempts = {s.index: 0 for s in partition.shards}
     in_flight: dict = {}
     idle = list(scheduler.actors)
     records: dict[int, dict] = {}
-    weight_map: dict[str, str] = {}
-    tensor_bytes = 0
     quantized: list[QuantizedLayer] = []
+    packed_bytes = 0
     bar = tqdm(total=len(partition.shards), desc="compress", unit="shard", file=sys.stderr, disable=not progress)
     try:
         while pending or in_flight:
@@ -249,33 +273,21 @@ def compress_all(plan: Plan, staging: Path, quant_dir: Path, progress: bool) -> 
                 continue
             scheduler.done(shard)
             fname = shard_file_name(shard.index + 1, total_files)
-            tensor_bytes += write_tensors(staging / fname, result.tensors)
-            weight_map.update({k: fname for k in result.tensors})
-            quantized += save_quant(shard, result, quant_dir / fname)
+            evaluated.add(fname, result.evaluated_keys, result.evaluated_bytes)
+            export.add(fname, result.export_keys, result.export_bytes)
+            quantized += result.quantized
+            packed_bytes += result.packed_bytes
             records[shard.index] = shard_record(shard, result, attempts[shard.index])
             bar.update(1)
+        rest_bytes = ray.get(rest)
+        evaluated.add(rest_file, rest_keys, rest_bytes)
+        export.add(rest_file, rest_keys, rest_bytes)
     finally:
         bar.close()
         scheduler.close()
-    return Compressed([records[i] for i in sorted(records)], weight_map, tensor_bytes, quantized)
-
-
-def save_quant(shard: Shard, result: ShardResult, path: Path) -> list[QuantizedLayer]:
-    """Write the shard's scales and zeros beside it; -> the layers export will pack.
-
-    GPT-2's Conv1D layers stay dense in the export: compressed-tensors only
-    quantizes nn.Linear (and nn.Embedding) modules when it loads a checkpoint.
-    """
-    layers = {layer.name: layer for layer in shard.linears}
-    packable = {name: q for name, q in result.quant.items() if not layers[name].transposed}
-    if not packable:
-        return []
-    tensors = {}
-    for name, quant in packable.items():
-        tensors.update(quant_tensors(name, quant))
-    write_tensors(path, tensors)
-    return [QuantizedLayer(name, layers[name].weight_key, scheme_of(quant, layers[name].in_features))
-            for name, quant in sorted(packable.items())]
+    weights = {l.weight_key: l.in_features * l.out_features for s in partition.shards for l in s.linears}
+    return Compressed([records[i] for i in sorted(records)], evaluated, export, quantized, packed_bytes,
+                      sum(weights[l.weight_key] for l in quantized))
 
 
 def shard_record(shard, result: ShardResult, attempts: int) -> dict:
@@ -292,29 +304,25 @@ def shard_record(shard, result: ShardResult, attempts: int) -> dict:
     }
 
 
-def write_rest(plan: Plan, staging: Path, compressed: Compressed) -> None:
-    """Everything outside the blocks (embeddings, norms, head) is copied as it was; then the index."""
-    partition = plan.partition
-    fname = shard_file_name(0, len(partition.shards) + 1)
-    rest = read_keys(plan.model_dir, list(partition.rest_keys), partition.key_to_file)
-    tensor_bytes = compressed.tensor_bytes + write_tensors(staging / fname, rest)
-    compressed.weight_map.update({k: fname for k in rest})
-    write_index(staging, compressed.weight_map, tensor_bytes)
-    copy_non_weight_files(plan.model_dir, staging)
-    (staging / "recipe.yaml").write_text(plan.recipe.yaml)
+def finish_checkpoints(plan: Plan, compressed: Compressed) -> None:
+    """The evaluated checkpoint's index, config, tokenizer and recipe, beside the files the workers wrote."""
+    evaluated = compressed.evaluated
+    write_index(evaluated.folder, evaluated.weight_map, evaluated.tensor_bytes)
+    copy_non_weight_files(plan.model_dir, evaluated.folder)
+    (evaluated.folder / "recipe.yaml").write_text(plan.recipe.yaml)
 
 
-def export_model(plan: Plan, partial: Path, compressed: Compressed) -> dict:
-    """The evaluated dense checkpoint -> partial/model in compressed-tensors format; the dense copy goes."""
-    dense, quant_dir, model_dir = partial / "dense", partial / "quant", partial / "model"
+def complete_export(plan: Plan, compressed: Compressed) -> dict:
+    """partial/model: index, config with the quantization_config, manifest; the evaluated copy goes."""
     config = load_config(plan.model_dir, plan.recipe.config.model.trust_remote_code)
     all_linears = linear_modules(skeleton(config, plan.recipe.config.model.trust_remote_code))
-    sizes = export(dense, quant_dir, model_dir, compressed.quantized, all_linears)
-    write_manifest(model_dir)
-    fsync_dir(model_dir)
-    shutil.rmtree(dense)
-    shutil.rmtree(quant_dir)
-    return sizes
+    export = compressed.export
+    fmt = finish_export(compressed.evaluated.folder, export.folder, export.weight_map, export.tensor_bytes,
+                        compressed.quantized, all_linears)
+    fsync_dir(export.folder)
+    shutil.rmtree(compressed.evaluated.folder)
+    return {"format": fmt, "tensor_bytes": export.tensor_bytes, "quantized_layer_bytes": compressed.packed_bytes,
+            "quantized_weights": compressed.quantized_weights}
 
 
 def measure(plan: Plan, compressed_dir: Path, eval_dir: Path) -> tuple[dict, dict | None]:
@@ -340,13 +348,13 @@ def run(plan: Plan, progress: bool = True) -> dict:
     from orchestrator import plots, report, tracking
 
     recipe, timer, started = plan.recipe, Timer(), time.time()
+    driver_memory = PeakRss().start()
     timer.add("plan", plan.seconds)
     t0 = time.perf_counter() - plan.seconds
     partial = plan.run_dir.with_name(f".{plan.run_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    staging, quant_dir = partial / "dense", partial / "quant"  # the evaluated checkpoint; its scales and zeros
-    staging.mkdir(parents=True)
-    quant_dir.mkdir()
+    (partial / "evaluated").mkdir(parents=True)  # the checkpoint the run evaluates (removed at the end)
+    (partial / "model").mkdir()  # the export
     (partial / "recipe.yaml").write_text(recipe.yaml)
 
     t = time.perf_counter()
@@ -354,21 +362,22 @@ def run(plan: Plan, progress: bool = True) -> dict:
     timer.add("ray_start", time.perf_counter() - t)
     try:
         t = time.perf_counter()
-        compressed = compress_all(plan, staging, quant_dir, progress)
-        write_rest(plan, staging, compressed)
+        compressed = compress_all(plan, partial, progress)
+        finish_checkpoints(plan, compressed)
         timer.add("compress", time.perf_counter() - t)
 
         t = time.perf_counter()
-        quality, speed = measure(plan, staging, partial / "eval")
+        quality, speed = measure(plan, compressed.evaluated.folder, partial / "eval")
         timer.add("evaluate", time.perf_counter() - t)
     finally:
         if owns_ray:
             ray.shutdown()
 
     t = time.perf_counter()
-    sizes = export_model(plan, partial, compressed)
+    sizes = complete_export(plan, compressed)
     timer.add("export", time.perf_counter() - t)
-    data = report.build(plan, compressed.shards, quality, speed, timer.phases, started, partial / "model", sizes)
+    data = report.build(plan, compressed.shards, quality, speed, timer.phases, started, partial / "model", sizes,
+                        driver_memory.stop())
     plots.run_plots(data, partial / "plots")
 
     def write_report(d: dict) -> None:

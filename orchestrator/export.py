@@ -1,10 +1,10 @@
-"""Export: turn the run's dense, fake-quantized checkpoint into a compressed-tensors checkpoint.
+"""Export: the compressed checkpoint in the compressed-tensors format.
 
-The workers produce every compressed weight as it will be computed with (on
-the integer grid, stored in the model's dtype) plus, for quantized layers, the
-grid's scales and zero points (written beside the shard as `<file>.quant`).
-This module rewrites that checkpoint file by file (never more than one file's
-tensors in memory) with the compressed-tensors library:
+Each worker writes its shard twice: as it will be computed with (every weight
+on its integer grid, in the model's dtype: the checkpoint the run evaluates)
+and packed with the compressed-tensors library (the export). So the export
+streams shard by shard across the workers, and the driver only adds the
+index, the config and the manifest. The packed layout:
 
 - quantized Linear layers, one config group per (bits, group size, symmetric)
   scheme: symmetric grids as pack-quantized (the format the library infers for
@@ -46,11 +46,10 @@ from compressed_tensors.quantization import (
     QuantizationScheme,
     QuantizationStatus,
 )
-from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from orchestrator.checkpoint import INDEX_NAME, copy_non_weight_files, file_sha256, write_index, write_tensors
+from orchestrator.checkpoint import copy_non_weight_files, file_sha256, write_index
 from orchestrator.techniques.grid import QuantParams
 
 MANIFEST = "manifest.json"
@@ -80,12 +79,6 @@ class QuantizedLayer:
     module: str  # module name in the loaded model (what `targets` / `ignore` match)
     weight_key: str  # the dense weight's checkpoint key; its module prefix names the packed tensors
     scheme: Scheme
-
-
-def quant_tensors(layer_name: str, quant: QuantParams) -> dict[str, torch.Tensor]:
-    """The side-file entries of one quantized layer: scale [out, n_groups] float32, zero int32."""
-    return {f"{layer_name}.weight_scale": quant.scale.float().contiguous(),
-            f"{layer_name}.weight_zero_point": quant.zero.to(torch.int32).contiguous()}
 
 
 def scheme_of(quant: QuantParams, in_features: int) -> Scheme:
@@ -135,36 +128,27 @@ def quantization_config(layers: list[QuantizedLayer], all_linears: list[str]) ->
             "transform_config": {}, **data}
 
 
-def export(dense_dir: Path, quant_dir: Path, out_dir: Path, layers: list[QuantizedLayer],
-           all_linears: list[str]) -> dict:
-    """dense_dir (the run's checkpoint; quant_dir holds a side file of scales and zeros per shard file)
-    -> out_dir in compressed-tensors format.
+def pack_shard(tensors: dict[str, torch.Tensor], layers: list[QuantizedLayer],
+               grids: dict[str, QuantParams]) -> tuple[dict[str, torch.Tensor], int]:
+    """A shard's tensors (as evaluated) -> the same in compressed-tensors layout, and the bytes of the
+    packed layers. `grids` holds each quantized layer's scales and zeros, by module name."""
+    out = dict(tensors)
+    packed_bytes = 0
+    for layer in layers:
+        W = out.pop(layer.weight_key)
+        grid = grids[layer.module]
+        packed = pack_layer(W, grid.scale.float(), grid.zero, layer.scheme, layer.module)
+        prefix = layer.weight_key.removesuffix(".weight")
+        out.update({f"{prefix}.{local}": t for local, t in packed.items()})
+        packed_bytes += sum(t.numel() * t.element_size() for t in packed.values())
+    return out, packed_bytes
 
-    Returns the format and the byte accounting: total tensor bytes, and the
-    quantized layers' bytes and weight count (for bits per weight).
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weight_map = json.loads((dense_dir / INDEX_NAME).read_text())["weight_map"]
-    by_key = {layer.weight_key: layer for layer in layers}
-    new_map: dict[str, str] = {}
-    total_bytes = quant_bytes = quant_weights = 0
-    for fname in sorted(set(weight_map.values())):
-        tensors = load_file(dense_dir / fname)
-        side = quant_dir / fname
-        quant = load_file(side) if side.exists() else {}
-        for key in [k for k in tensors if k in by_key]:
-            layer = by_key[key]
-            W = tensors.pop(key)
-            prefix = key.removesuffix(".weight")
-            packed = pack_layer(W, quant[f"{layer.module}.weight_scale"],
-                                    quant[f"{layer.module}.weight_zero_point"], layer.scheme, layer.module)
-            for local, t in packed.items():
-                tensors[f"{prefix}.{local}"] = t
-            quant_bytes += sum(t.numel() * t.element_size() for t in packed.values())
-            quant_weights += W.numel()
-        total_bytes += write_tensors(out_dir / fname, tensors)
-        new_map.update({k: fname for k in tensors})
-    write_index(out_dir, new_map, total_bytes)
+
+def finish_export(dense_dir: Path, out_dir: Path, weight_map: dict[str, str], tensor_bytes: int,
+                  layers: list[QuantizedLayer], all_linears: list[str]) -> str:
+    """The packed files are in out_dir (the workers wrote them): add the index, the config (with the
+    quantization_config), tokenizer and recipe from dense_dir, and the manifest. -> the format."""
+    write_index(out_dir, weight_map, tensor_bytes)
     copy_non_weight_files(dense_dir, out_dir)
     fmt = "dense safetensors"
     if layers:
@@ -173,8 +157,8 @@ def export(dense_dir: Path, quant_dir: Path, out_dir: Path, layers: list[Quantiz
         config["quantization_config"] = quantization_config(layers, all_linears)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         fmt = f"compressed-tensors {config['quantization_config']['format']}"
-    return {"format": fmt, "tensor_bytes": total_bytes, "quantized_layer_bytes": quant_bytes,
-            "quantized_weights": quant_weights}
+    write_manifest(out_dir)
+    return fmt
 
 
 def write_manifest(folder: Path) -> None:

@@ -82,7 +82,8 @@ def pareto_plot(points: list[dict], dense: dict, quality_label: str, lower_is_be
         ax.annotate(p["label"], (p["bits"], p["quality"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     better = (lambda a, b: a < b) if lower_is_better else (lambda a, b: a > b)
     front, best = [], None
-    for p in sorted([*points, dense], key=lambda p: p["bits"]):
+    sign = 1 if lower_is_better else -1  # at equal size, the better point first: it dominates the others
+    for p in sorted([*points, dense], key=lambda p: (p["bits"], sign * p["quality"])):
         if best is None or better(p["quality"], best):
             front.append(p)
             best = p["quality"]

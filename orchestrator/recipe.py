@@ -71,6 +71,7 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_restarts: int = 2  # per actor; also the retries a shard gets
+    memory_gb: float = 0.0  # memory the planner may plan for on this machine; 0 = what is available now
 
 
 @dataclass
@@ -223,6 +224,7 @@ def check_values(c: RecipeConfig) -> None:
         (c.cluster.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0"),
         (c.cluster.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be >= 0"),
         (c.cluster.max_restarts >= 0, "cluster.max_restarts", "must be >= 0"),
+        (c.cluster.memory_gb >= 0, "cluster.memory_gb", "must be >= 0 (0: this machine's available memory)"),
         (bool(c.output.dir), "output.dir", "must not be empty"),
         (c.output.name is None or re.fullmatch(r"[\w.-]+", c.output.name) is not None, "output.name",
          "may hold only letters, digits, '_', '-' and '.'"),

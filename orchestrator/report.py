@@ -12,7 +12,7 @@ from orchestrator.checkpoint import folder_bytes, write_tensors
 
 
 def build(plan, shards: list[dict], quality: dict, speed: dict | None, phases: dict, started: float,
-          model_dir: Path, sizes: dict) -> dict:
+          model_dir: Path, sizes: dict, driver_peak_rss: int) -> dict:
     recipe, partition = plan.recipe, plan.partition
     dense_bytes = folder_bytes(plan.model_dir)
     compressed_bytes = folder_bytes(model_dir)
@@ -51,6 +51,9 @@ def build(plan, shards: list[dict], quality: dict, speed: dict | None, phases: d
         },
         "timing": {"total_s": None, "phases": phases},
         "cost": cost(plan, shards, phases),
+        "plan": plan.forecast.summary() if plan.forecast else None,
+        "memory": {"driver_peak_rss_bytes": driver_peak_rss,
+                   "worker_peak_rss_bytes": max((s["worker"].get("peak_rss_bytes", 0) for s in shards), default=0)},
         "cluster": {
             "address": recipe.config.cluster.address or "local",
             "workers": recipe.config.cluster.workers,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import time
+from pathlib import Path
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,7 +19,8 @@ import ray
 import torch
 
 from orchestrator.capture import BlockInputs, HessianSet, block_class_of, build_blocks, capture_block_inputs, run_blocks
-from orchestrator.checkpoint import read_keys
+from orchestrator.checkpoint import read_keys, write_tensors
+from orchestrator.export import QuantizedLayer, pack_shard, scheme_of
 from orchestrator.partition import LinearLayer, Shard
 from orchestrator.recipe import Stage
 from orchestrator.techniques.grid import QuantParams
@@ -36,15 +39,30 @@ class LayerMetrics:
 
 
 @dataclass
+class ShardFiles:
+    """Where a worker writes a shard (paths every node can reach): the checkpoint the run evaluates
+    (every weight on its grid, dense dtype) and the export (the same, packed by compressed-tensors)."""
+
+    evaluated: str
+    export: str
+
+
+@dataclass
 class ShardResult:
     index: int
-    tensors: dict[str, torch.Tensor]  # every checkpoint tensor of the shard, compressed where targeted
+    tensors: dict[str, torch.Tensor]  # every checkpoint tensor of the shard; emptied once written to disk
     layers: list[LayerMetrics]
     seconds: float
     worker: dict = field(default_factory=dict)  # node, pid, device
     quant: dict[str, QuantParams] = field(default_factory=dict)  # layer name -> its grid (quantized layers)
     capture_seconds: float = 0.0  # running the blocks over the calibration activations (Hessians, outputs)
     cpu_seconds: float = 0.0  # CPU time of the worker process on this shard, all threads
+    evaluated_keys: list[str] = field(default_factory=list)  # the keys written to each file
+    export_keys: list[str] = field(default_factory=list)
+    evaluated_bytes: int = 0  # tensor bytes written to each file
+    export_bytes: int = 0
+    quantized: list[QuantizedLayer] = field(default_factory=list)  # the layers packed in the export
+    packed_bytes: int = 0  # their bytes in the export (integers, scales, zeros, shapes)
 
 
 def compress_layer(
@@ -115,6 +133,21 @@ def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[
     return ShardResult(shard.index, out, metrics, time.perf_counter() - start, quant=grids)
 
 
+def write_files(shard: Shard, result: ShardResult, files: ShardFiles) -> None:
+    """Write the shard as evaluated and as exported (packed); record keys and bytes in `result`.
+
+    GPT-2's Conv1D layers stay dense in the export: compressed-tensors only
+    quantizes nn.Linear (and nn.Embedding) modules when it loads a checkpoint.
+    """
+    layers = {layer.name: layer for layer in shard.linears}
+    result.quantized = [QuantizedLayer(name, layers[name].weight_key, scheme_of(q, layers[name].in_features))
+                        for name, q in sorted(result.quant.items()) if not layers[name].transposed]
+    packed, result.packed_bytes = pack_shard(result.tensors, result.quantized, result.quant)
+    result.evaluated_bytes = write_tensors(Path(files.evaluated), result.tensors)
+    result.export_bytes = write_tensors(Path(files.export), packed)
+    result.evaluated_keys, result.export_keys = sorted(result.tensors), sorted(packed)
+
+
 def as_out_in(weight: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
     """Every technique sees W as [out, in]; GPT-2's Conv1D stores [in, out]."""
     return weight.T if layer.transposed else weight
@@ -169,9 +202,16 @@ class CompressionWorker:
         self.calibrated[shard.index] = (tensors, hessians, (time.perf_counter() - wall, time.process_time() - cpu))
         return outputs
 
-    def compress(self, shard: Shard, stages: list[Stage], hidden: list[torch.Tensor] | None = None,
+    def write_rest(self, keys: list[str], files: ShardFiles) -> int:
+        """Copy the tensors outside the blocks (embeddings, norms, head) to both outputs; -> tensor bytes."""
+        tensors = self.read(keys)
+        write_tensors(Path(files.evaluated), tensors)
+        return write_tensors(Path(files.export), tensors)
+
+    def compress(self, shard: Shard, stages: list[Stage], files: ShardFiles, hidden: list[torch.Tensor] | None = None,
                  kwargs: list[dict] | None = None) -> tuple[ShardResult, list[torch.Tensor] | None]:
-        """-> (result, the compressed blocks' outputs on `hidden` when given (sequential mode), else None)."""
+        """Compress a shard and write it to `files`; -> (result without tensors, the compressed blocks'
+        outputs on `hidden` when given (sequential mode), else None)."""
         cpu = time.process_time()
         tensors, hessians, (capture_s, capture_cpu_s) = self.calibrated.pop(shard.index, (None, None, (0.0, 0.0)))
         if tensors is None:
@@ -181,8 +221,11 @@ class CompressionWorker:
         if hidden is not None:
             blocks = build_blocks(self.config, shard, result.tensors, self.block_class)
             outputs, _ = run_blocks(blocks, BlockInputs(hidden, kwargs))
+        write_files(shard, result, files)
+        result.tensors, result.quant = {}, {}  # the driver gets the record, never the weights
         ctx = ray.get_runtime_context()
-        result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": self.device}
+        result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": self.device,
+                         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         result.capture_seconds = capture_s
         result.cpu_seconds = capture_cpu_s + time.process_time() - cpu
         return result, outputs
