@@ -58,6 +58,7 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
                 socket.create_connection((external, port), timeout=2)
 
 
+ARTIFACTS = REPO / "test-artifacts"  # git-ignored
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; scripts/setup.sh installs it where it can
 HEADLESS = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -79,7 +80,9 @@ def test_a_logged_run_is_readable_in_the_mlflow_ui(tmp_path, micro_lm):
         page = f"{uri}/#/experiments/{experiment_id}/runs/{run_id}"
         browse = [*HEADLESS, f"--user-data-dir={tmp_path}/chromium", "--virtual-time-budget=20000"]
         dom = subprocess.run([*browse, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
-        shot = tmp_path / "run-page.png"
+        shot = ARTIFACTS / "mlflow-run-page.png"  # kept after the run, for a person to look at
+        shot.parent.mkdir(exist_ok=True)
+        shot.unlink(missing_ok=True)
         subprocess.run([*browse, "--window-size=1400,1000", f"--screenshot={shot}", page],
                        capture_output=True, timeout=180)
     assert "ui-run" in dom  # the run's name, rendered by the UI's JavaScript from the server's API
