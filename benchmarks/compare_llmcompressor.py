@@ -36,7 +36,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
