@@ -57,6 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     ls = ref_sub.add_parser("list", help="list the reference models")
     ls.set_defaults(func=cmd_reference_list)
 
+    sm = sub.add_parser("submit", help="run a recipe as a job on a Ray cluster (Ray Jobs API)")
+    sm.add_argument("recipe", help="recipe YAML file")
+    sm.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    sm.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    sm.add_argument("--token", help="Ray auth token (default: $RAY_AUTH_TOKEN)")
+    sm.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    sm.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="a submitted job: status, logs or stop")
+    jb.add_argument("action", choices=["status", "logs", "stop"])
+    jb.add_argument("job_id")
+    jb.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    jb.add_argument("--token", help="Ray auth token (default: $RAY_AUTH_TOKEN)")
+    jb.set_defaults(func=cmd_jobs)
+
     pl = sub.add_parser("plan", help="what a run will need (shards, memory per process, time), without running it")
     pl.add_argument("recipe", help="recipe YAML file")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
@@ -109,6 +124,34 @@ def cmd_run(args) -> int:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
     print(summary_table(data))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from orchestrator import jobs
+
+    try:
+        job_id = jobs.submit(args.recipe, args.overrides, args.address, args.token)
+    except jobs.JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(job_id)
+    if args.follow:
+        final = jobs.follow(args.address, job_id, args.token)
+        print(f"job {job_id}: {final}", file=sys.stderr)
+        return 0 if final == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from orchestrator import jobs
+
+    if args.action == "status":
+        print(jobs.status(args.address, args.job_id, args.token))
+    elif args.action == "logs":
+        return 0 if jobs.follow(args.address, args.job_id, args.token) == "SUCCEEDED" else 1
+    else:
+        print("stopping" if jobs.stop(args.address, args.job_id, args.token) else "already ended")
     return 0
 
 
