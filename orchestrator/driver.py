@@ -171,8 +171,9 @@ class ShardScheduler:
         self.sequential = recipe.config.partition.calibration == "sequential"
         config = load_config(plan.model_dir, recipe.config.model.trust_remote_code) if plan.calibrated else None
         self.actors = [
-            CompressionWorker.options(
-                num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker, max_restarts=cluster.max_restarts
+            CompressionWorker.options(  # SPREAD: one worker per node first, so shards use every node
+                num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker, max_restarts=cluster.max_restarts,
+                scheduling_strategy="SPREAD",
             ).remote(int(max(1, cluster.cpus_per_worker)), str(plan.model_dir), plan.partition.key_to_file, config)
             for _ in range(min(cluster.workers, len(plan.partition.shards)))
         ]

@@ -174,12 +174,11 @@ class CompressionWorker:
         self.block_class = block_class_of(config) if config is not None else None
         # shard -> (tensors, Hessians, (capture wall s, capture CPU s))
         self.calibrated: dict[int, tuple[dict[str, torch.Tensor], HessianSet, tuple[float, float]]] = {}
-        self.device = "cpu"
+        self.device = "cpu"  # where the tensors are computed; GPU compute is not wired in yet
         if ray.get_gpu_ids():
-            if torch.cuda.is_available():
-                self.device = "cuda"
-            else:
-                warnings.warn("Ray granted this worker a GPU but CUDA is not available; compressing on the CPU")
+            reason = ("CUDA is not available" if not torch.cuda.is_available()
+                      else "GPU compute is not implemented yet")
+            warnings.warn(f"Ray granted this worker a GPU but {reason}; compressing on the CPU")
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         return read_keys(self.model_dir, keys, self.key_to_file)
@@ -225,6 +224,7 @@ class CompressionWorker:
         result.tensors, result.quant = {}, {}  # the driver gets the record, never the weights
         ctx = ray.get_runtime_context()
         result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": self.device,
+                         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         result.capture_seconds = capture_s
         result.cpu_seconds = capture_cpu_s + time.process_time() - cpu
