@@ -110,6 +110,7 @@ def build_eval(model_dir: Path, baseline_dir: Path | None, cfg, num_params: int,
                seconds: float) -> dict:
     """The report of `orchestrator eval`: size, quality, speed and per-layer statistics of one folder."""
     model_bytes = folder_bytes(model_dir)
+    dense_bytes = folder_bytes(baseline_dir) if baseline_dir else None
     layers = result["layers"]
     data = {
         "kind": "eval",
@@ -118,8 +119,8 @@ def build_eval(model_dir: Path, baseline_dir: Path | None, cfg, num_params: int,
         "eval": dict(vars(cfg)),
         "size": {
             "bytes": model_bytes,
-            "dense_bytes": folder_bytes(baseline_dir) if baseline_dir else None,
-            "compression_ratio": round(folder_bytes(baseline_dir) / model_bytes, 4) if baseline_dir else None,
+            "dense_bytes": dense_bytes,
+            "compression_ratio": round(dense_bytes / model_bytes, 4) if dense_bytes else None,
             "bits_per_weight": round(8 * weight_bytes(model_dir) / num_params, 4),
             "sparsity": sum(l["sparsity"] for l in layers) / len(layers) if layers else None,
         },

@@ -30,7 +30,6 @@ def metrics_of(report: dict) -> dict[str, float]:
     m.update(quality_speed_metrics(report["quality"], report.get("speed")))
     for phase, seconds in report["timing"]["phases"].items():
         m[f"timing.{phase}_s"] = seconds
-    m["timing.total_s"] = report["timing"]["total_s"]
     for key, value in report["cost"].items():
         m[f"cost.{key}"] = value
     return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
