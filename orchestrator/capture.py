@@ -131,10 +131,23 @@ def _linear_modules(blocks: nn.ModuleList, shard: Shard, names: set[str]) -> dic
     return by_name
 
 
+def to_device(value, device: torch.device):
+    """Every tensor inside nested dicts, lists and tuples moved to `device` (block kwargs: masks, rotary tables)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
 @torch.no_grad()
 def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None = None,
-               collect: list[LinearLayer] = ()) -> tuple[list[torch.Tensor], HessianSet]:
-    """Hidden states through the blocks; H for every layer in `collect` (shared where inputs are shared)."""
+               collect: list[LinearLayer] = (), device: torch.device = torch.device("cpu"),
+               ) -> tuple[list[torch.Tensor], HessianSet]:
+    """Hidden states through the blocks (which are on `device`); H for every layer in `collect` (shared
+    where inputs are shared), kept on `device`. The outputs come back on the CPU, for the object store."""
     hessians = HessianSet()
     modules = _linear_modules(blocks, shard, {l.name for l in collect}) if collect else {}
     # id of an input tensor in the current block's forward -> (the tensor, kept alive so its id
@@ -156,12 +169,12 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
     outputs = []
     try:
         for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            x = hidden
+            x, kwargs = hidden.to(device), to_device(kwargs, device)
             for block in blocks:
                 seen.clear()
                 out = block(x, **kwargs)
                 x = out[0] if isinstance(out, tuple) else out
-            outputs.append(x)
+            outputs.append(x.cpu())
     finally:
         for h in handles:
             h.remove()

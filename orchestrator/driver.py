@@ -50,6 +50,7 @@ class Plan:
     calibration: Calibration | None  # token windows, when a stage needs calibration
     seconds: float  # spent planning (a reference model's first build included)
     forecast: Forecast | None = None  # predicted memory and time (planner.py)
+    gpus_per_worker: float | None = None  # cluster.gpus_per_worker resolved against the cluster, once Ray is up
 
     @property
     def calibrated(self) -> bool:
@@ -154,6 +155,16 @@ def start_ray(recipe: Recipe) -> bool:
     return True
 
 
+def gpus_per_worker(setting: str, workers: int, cluster_gpus: float) -> float:
+    """`cluster.gpus_per_worker` -> the GPUs each actor asks Ray for. auto: one each when the cluster has
+    a GPU per worker, an equal share each when it has fewer (so every worker can start), none without."""
+    if setting != "auto":
+        return float(setting)
+    if cluster_gpus <= 0:
+        return 0.0
+    return 1.0 if cluster_gpus >= workers else math.floor(cluster_gpus / workers * 1e4) / 1e4
+
+
 class ShardScheduler:
     """Submits each shard's work to an actor; chains activations from shard to shard.
 
@@ -170,12 +181,14 @@ class ShardScheduler:
         self.stages = recipe.stages
         self.sequential = recipe.config.partition.calibration == "sequential"
         config = load_config(plan.model_dir, recipe.config.model.trust_remote_code) if plan.calibrated else None
+        workers = min(cluster.workers, len(plan.partition.shards))
+        plan.gpus_per_worker = gpus_per_worker(cluster.gpus_per_worker, workers, ray.cluster_resources().get("GPU", 0))
         self.actors = [
             CompressionWorker.options(  # SPREAD: one worker per node first, so shards use every node
-                num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker, max_restarts=cluster.max_restarts,
+                num_cpus=cluster.cpus_per_worker, num_gpus=plan.gpus_per_worker, max_restarts=cluster.max_restarts,
                 scheduling_strategy="SPREAD",
             ).remote(int(max(1, cluster.cpus_per_worker)), str(plan.model_dir), plan.partition.key_to_file, config)
-            for _ in range(min(cluster.workers, len(plan.partition.shards)))
+            for _ in range(workers)
         ]
         self.inputs: dict[int, ray.ObjectRef] = {}  # shard index -> its input hidden states
         self.block_kwargs = None

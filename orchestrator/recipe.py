@@ -69,7 +69,7 @@ class ClusterConfig:
     address: Optional[str] = None  # None: an embedded local Ray; "auto" or ray://host:port: join one
     workers: int = 2  # compression actors
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: str = "auto"  # auto: 1 per worker when Ray has GPUs (shared when fewer than workers), else 0; or a number (fractions allowed)
     max_restarts: int = 2  # per actor; also the retries a shard gets
     memory_gb: float = 0.0  # memory the planner may plan for on this machine; 0 = what is available now
 
@@ -222,7 +222,8 @@ def check_values(c: RecipeConfig) -> None:
          "must be parallel or sequential"),
         (c.cluster.workers >= 1, "cluster.workers", "must be >= 1"),
         (c.cluster.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0"),
-        (c.cluster.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be >= 0"),
+        (valid_gpus(c.cluster.gpus_per_worker), "cluster.gpus_per_worker",
+         f"must be auto or a number >= 0 (fractions below 1 allowed), not {c.cluster.gpus_per_worker!r}"),
         (c.cluster.max_restarts >= 0, "cluster.max_restarts", "must be >= 0"),
         (c.cluster.memory_gb >= 0, "cluster.memory_gb", "must be >= 0 (0: this machine's available memory)"),
         (bool(c.output.dir), "output.dir", "must not be empty"),
@@ -233,6 +234,16 @@ def check_values(c: RecipeConfig) -> None:
     for ok, key, why in checks:
         if not ok:
             raise UserError(f"key '{key}': {why}")
+
+
+def valid_gpus(value: str) -> bool:
+    if value == "auto":
+        return True
+    try:
+        gpus = float(value)
+    except ValueError:
+        return False
+    return gpus >= 0 and (gpus <= 1 or gpus.is_integer())  # Ray: above 1, whole GPUs only
 
 
 def parse_stage(index: int, raw: Any) -> Stage:

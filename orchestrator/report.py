@@ -58,7 +58,7 @@ def build(plan, shards: list[dict], quality: dict, speed: dict | None, phases: d
             "address": recipe.config.cluster.address or "local",
             "workers": recipe.config.cluster.workers,
             "cpus_per_worker": recipe.config.cluster.cpus_per_worker,
-            "gpus_per_worker": recipe.config.cluster.gpus_per_worker,
+            "gpus_per_worker": plan.gpus_per_worker,  # as resolved against the cluster (auto -> a number)
         },
         "shards": shards,
         "mlflow": None,

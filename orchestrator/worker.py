@@ -115,8 +115,11 @@ def resolve_scale_dtype(params, storage_dtype: torch.dtype):
 
 
 def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[Stage],
-                   hessian_of: Callable[[str], torch.Tensor | None] = lambda name: None) -> ShardResult:
-    """All of a shard's tensors in -> the same keys out, targeted Linear weights compressed."""
+                   hessian_of: Callable[[str], torch.Tensor | None] = lambda name: None,
+                   device: torch.device = torch.device("cpu")) -> ShardResult:
+    """All of a shard's tensors in -> the same keys out, targeted Linear weights compressed.
+
+    Each layer is compressed on `device` (its Hessian moved there too); what comes back is on the CPU."""
     start = time.perf_counter()
     out = dict(tensors)
     metrics, grids = [], {}
@@ -124,12 +127,13 @@ def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[
         if not any(s.applies_to(layer.name) for s in stages):
             continue
         original = tensors[layer.weight_key]
-        W = as_out_in(original, layer).float()
-        W_hat, m, quant = compress_layer(W, layer.name, stages, hessian_of(layer.name), original.dtype)
-        out[layer.weight_key] = (W_hat.T if layer.transposed else W_hat).to(original.dtype).contiguous()
+        W = as_out_in(original, layer).to(device=device, dtype=torch.float32)
+        H = hessian_of(layer.name)
+        W_hat, m, quant = compress_layer(W, layer.name, stages, None if H is None else H.to(device), original.dtype)
+        out[layer.weight_key] = (W_hat.T if layer.transposed else W_hat).to("cpu", original.dtype).contiguous()
         metrics.append(m)
         if quant is not None:
-            grids[layer.name] = quant
+            grids[layer.name] = dataclasses.replace(quant, scale=quant.scale.cpu(), zero=quant.zero.cpu())
     return ShardResult(shard.index, out, metrics, time.perf_counter() - start, quant=grids)
 
 
@@ -153,6 +157,17 @@ def as_out_in(weight: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
     return weight.T if layer.transposed else weight
 
 
+def compute_device(gpu_ids: list, cuda_available: bool) -> torch.device:
+    """CUDA when Ray granted this worker a GPU and CUDA works here; otherwise the CPU (with a warning
+    when a GPU was granted but CUDA is absent). Ray sets CUDA_VISIBLE_DEVICES, so "cuda" is our GPU."""
+    if gpu_ids and cuda_available:
+        return torch.device("cuda")
+    if gpu_ids:
+        warnings.warn(f"Ray granted this worker GPU {', '.join(map(str, gpu_ids))} but CUDA is not available "
+                      f"(torch {torch.__version__}); compressing on the CPU")
+    return torch.device("cpu")
+
+
 @ray.remote
 class CompressionWorker:
     """A Ray actor that compresses the shards it is given, on CUDA if it was granted a GPU.
@@ -174,11 +189,7 @@ class CompressionWorker:
         self.block_class = block_class_of(config) if config is not None else None
         # shard -> (tensors, Hessians, (capture wall s, capture CPU s))
         self.calibrated: dict[int, tuple[dict[str, torch.Tensor], HessianSet, tuple[float, float]]] = {}
-        self.device = "cpu"  # where the tensors are computed; GPU compute is not wired in yet
-        if ray.get_gpu_ids():
-            reason = ("CUDA is not available" if not torch.cuda.is_available()
-                      else "GPU compute is not implemented yet")
-            warnings.warn(f"Ray granted this worker a GPU but {reason}; compressing on the CPU")
+        self.device = compute_device(ray.get_gpu_ids(), torch.cuda.is_available())
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         return read_keys(self.model_dir, keys, self.key_to_file)
@@ -194,10 +205,10 @@ class CompressionWorker:
         """Hessians of the layers that need them, kept here; returns the dense blocks' outputs."""
         wall, cpu = time.perf_counter(), time.process_time()
         tensors = self.read(list(shard.tensor_keys))
-        blocks = build_blocks(self.config, shard, tensors, self.block_class)
+        blocks = build_blocks(self.config, shard, tensors, self.block_class).to(self.device)
         wanted = [layer for layer in shard.linears
                   if any(s.technique.needs_calibration and s.applies_to(layer.name) for s in stages)]
-        outputs, hessians = run_blocks(blocks, BlockInputs(hidden, kwargs), shard, wanted)
+        outputs, hessians = run_blocks(blocks, BlockInputs(hidden, kwargs), shard, wanted, self.device)
         self.calibrated[shard.index] = (tensors, hessians, (time.perf_counter() - wall, time.process_time() - cpu))
         return outputs
 
@@ -215,15 +226,16 @@ class CompressionWorker:
         tensors, hessians, (capture_s, capture_cpu_s) = self.calibrated.pop(shard.index, (None, None, (0.0, 0.0)))
         if tensors is None:
             tensors = self.read(list(shard.tensor_keys))
-        result = compress_shard(shard, tensors, stages, hessians.of if hessians else (lambda name: None))
+        result = compress_shard(shard, tensors, stages, hessians.of if hessians else (lambda name: None),
+                                self.device)
         outputs = None
         if hidden is not None:
-            blocks = build_blocks(self.config, shard, result.tensors, self.block_class)
-            outputs, _ = run_blocks(blocks, BlockInputs(hidden, kwargs))
+            blocks = build_blocks(self.config, shard, result.tensors, self.block_class).to(self.device)
+            outputs, _ = run_blocks(blocks, BlockInputs(hidden, kwargs), device=self.device)
         write_files(shard, result, files)
         result.tensors, result.quant = {}, {}  # the driver gets the record, never the weights
         ctx = ray.get_runtime_context()
-        result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": self.device,
+        result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": str(self.device),
                          "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         result.capture_seconds = capture_s

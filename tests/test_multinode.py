@@ -50,10 +50,12 @@ def test_shards_spread_over_nodes_with_the_bytes_of_one_node(micro_lm, tmp_path)
 def test_workers_given_a_gpu_fall_back_to_the_cpu_with_a_warning(micro_lm, tmp_path, capfd):
     ray.init(num_cpus=4, num_gpus=1, logging_level="WARNING")  # a declared GPU on a machine without CUDA
     try:
-        report = run(micro_lm, tmp_path, "gpu", "cluster.workers=2", "cluster.gpus_per_worker=0.5")
+        report = run(micro_lm, tmp_path, "gpu", "cluster.workers=2")  # gpus_per_worker: auto
     finally:
         ray.shutdown()
+    assert report["cluster"]["gpus_per_worker"] == 0.5  # auto: one GPU, two workers -> half each
     for shard in report["shards"]:
         assert shard["worker"]["gpu_ids"] == ["0"]  # Ray granted the (fractional) GPU
         assert shard["worker"]["device"] == "cpu"  # but there is no CUDA: computed on the CPU
-    assert "CUDA is not available; compressing on the CPU" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "granted this worker GPU 0 but CUDA is not available" in err and "compressing on the CPU" in err

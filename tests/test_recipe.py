@@ -69,6 +69,8 @@ BAD = [
     (GOOD, ["model.dtype=int3"], "model.dtype"),
     (GOOD, ["stages.1.symmetric=maybe"], "stages.1.symmetric"),
     (GOOD, ["cluster.workers"], "cluster.workers"),  # not key=value
+    (GOOD, ["cluster.gpus_per_worker=1.5"], "cluster.gpus_per_worker"),  # Ray: whole GPUs above 1
+    (GOOD, ["cluster.gpus_per_worker=lots"], "cluster.gpus_per_worker"),
     ("- just\n- a list\n", [], "mapping"),
 ]
 

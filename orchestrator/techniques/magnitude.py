@@ -50,7 +50,7 @@ def keep_mask_unstructured(score: torch.Tensor, sparsity: float) -> torch.Tensor
     """Zero exactly round(sparsity * numel) entries of lowest score; ties go by position."""
     n_prune = round(sparsity * score.numel())
     order = torch.sort(score.flatten(), stable=True).indices
-    keep = torch.ones(score.numel(), dtype=torch.bool)
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     keep[order[:n_prune]] = False
     return keep.reshape(score.shape)
 
