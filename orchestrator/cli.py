@@ -43,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     r = sub.add_parser("run", help="compress a model as a recipe says")
-    r.add_argument("recipe", help="recipe YAML file")
+    r.add_argument("recipe", nargs="?", help="recipe YAML file (not needed with --resume)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. cluster.workers=4")
-    r.add_argument("--overwrite", action="store_true", help="replace a complete run folder of the same name")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a complete run folder of the same name, or discard an unfinished one's shards")
+    r.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run (e.g. runs/NAME) with the "
+                   "recipe it saved; a rerun of the same recipe and name resumes by itself")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
@@ -109,22 +112,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    from pathlib import Path
+
+    from orchestrator.driver import partial_dir
+    from orchestrator.errors import UserError
     from orchestrator.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)  # all recipe checks, before anything heavy
+    recipe_path, overrides = args.recipe, list(args.overrides)
+    if args.resume:
+        if recipe_path and "=" in recipe_path:  # `run --resume DIR key=value`: no recipe file given
+            recipe_path, overrides = None, [recipe_path, *overrides]
+        run_dir = Path(args.resume).expanduser().resolve()
+        saved = partial_dir(run_dir) / "recipe.yaml"
+        if recipe_path is None:
+            if not saved.is_file():
+                raise UserError(f"--resume: no unfinished run at {run_dir} ({saved} not found)")
+            recipe_path = saved
+        overrides = [f"output.dir={run_dir.parent}", f"output.name={run_dir.name}", *overrides]
+    elif recipe_path is None:
+        raise UserError("run: give a recipe file (or --resume RUN_DIR)")
+    recipe = load_recipe(recipe_path, overrides)  # all recipe checks, before anything heavy
     from orchestrator.driver import ShardFailed, make_plan, run
     from orchestrator.report import summary_table
 
     plan = make_plan(recipe, overwrite=args.overwrite, progress=not args.quiet)
+    reusable = len(plan.store.committed()) if plan.store.reusable else 0
     print(f"run {recipe.run_name}: {plan.partition.architecture}, {plan.partition.num_blocks} blocks in "
-          f"{len(plan.partition.shards)} shards, {recipe.config.cluster.workers} workers", file=sys.stderr)
+          f"{len(plan.partition.shards)} shards, {recipe.config.cluster.workers} workers"
+          + (f"; resuming: {reusable} committed files found in {plan.store.folder}" if reusable else ""),
+          file=sys.stderr)
+    stop_on_sigterm()
     try:
         data = run(plan, progress=not args.quiet)
     except ShardFailed as e:
-        print(f"run failed: {e}", file=sys.stderr)
+        print(f"run failed: {e}. Committed shards are kept in {plan.store.folder}; run again to resume.",
+              file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"stopped: {len(plan.store.committed())} committed files kept in {plan.store.folder}; "
+              f"run the same command again to resume", file=sys.stderr)
+        return 130
     print(summary_table(data))
     return 0
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, a scheduler's kill) stops the run as Ctrl-C does: committed shards and
+    the event log are on disk already; the exception unwinds Ray and the progress bar cleanly."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def cmd_submit(args) -> int:

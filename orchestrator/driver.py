@@ -9,17 +9,17 @@ plan (model folder, partition, checks; all bad input is caught here, before Ray)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import RayError
 from tqdm import tqdm
 
 from orchestrator.checkpoint import (
@@ -30,10 +30,11 @@ from orchestrator.checkpoint import (
 )
 from orchestrator.data import Calibration, calibration_windows
 from orchestrator.errors import UserError
-from orchestrator.export import QuantizedLayer, finish_export, linear_modules
+from orchestrator.export import QuantizedLayer, Scheme, finish_export, linear_modules
 from orchestrator.partition import CAUSAL_LM, Partition, Shard, load_config, partition_model, skeleton
 from orchestrator.planner import Forecast, PeakRss, check_fits, forecast
-from orchestrator.recipe import Recipe, Stage
+from orchestrator.recipe import Recipe, Stage, as_dict
+from orchestrator.store import Fingerprint, ShardStore, model_fingerprint, recipe_fingerprint
 from orchestrator.worker import CompressionWorker, ShardFiles, ShardResult
 
 
@@ -49,6 +50,7 @@ class Plan:
     run_dir: Path
     calibration: Calibration | None  # token windows, when a stage needs calibration
     seconds: float  # spent planning (a reference model's first build included)
+    store: ShardStore | None = None  # the run's work folder and its committed shards (store.py)
     forecast: Forecast | None = None  # predicted memory and time (planner.py)
     gpus_per_worker: float | None = None  # cluster.gpus_per_worker resolved against the cluster, once Ray is up
 
@@ -134,10 +136,18 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
     except OSError as e:
         raise UserError(f"output.dir: cannot write to {out_root} ({e.strerror})") from None
     plan = Plan(recipe, model_dir, partition, run_dir, calibration, 0.0)
+    fingerprint = Fingerprint(recipe_fingerprint(as_dict(recipe)), model_fingerprint(model_dir),
+                              calibration.sha256 if calibration else None)
+    plan.store = ShardStore.open(partial_dir(run_dir), fingerprint, overwrite or cfg.output.overwrite)
     plan.forecast = forecast(plan)
     check_fits(plan.forecast, plan)
     plan.seconds = time.perf_counter() - t0
     return plan
+
+
+def partial_dir(run_dir: Path) -> Path:
+    """Where a run works (and keeps its committed shards) until it completes."""
+    return run_dir.with_name(f".{run_dir.name}.partial")
 
 
 def start_ray(recipe: Recipe) -> bool:
@@ -173,6 +183,13 @@ class ShardScheduler:
     outputs in sequential mode), so Ray starts shard k as soon as they exist,
     while earlier shards are still compressing. Activations never pass through
     the driver.
+
+    Where a chain link is missing (shards reused from the store, or refs
+    forgotten after a failure, since a lost node takes its objects with it),
+    `input_of` rebuilds it: the embedding, then each earlier shard's blocks run
+    forward (dense in parallel mode, the committed compressed shard in sequential
+    mode). The same code on the same inputs gives the same activations, so the
+    output bytes do not depend on faults.
     """
 
     def __init__(self, plan: Plan, evaluated_dir: Path, export_dir: Path):
@@ -191,30 +208,50 @@ class ShardScheduler:
             for _ in range(workers)
         ]
         self.inputs: dict[int, ray.ObjectRef] = {}  # shard index -> its input hidden states
-        self.block_kwargs = None
-        if plan.calibrated:  # the first block's inputs, computed by the first worker before its first shard
-            self.inputs[0], self.block_kwargs = self.actors[0].embed.options(num_returns=2).remote(
-                list(plan.partition.rest_keys), plan.calibration.input_ids, recipe.config.data.calibration.batch_size)
+        self.block_kwargs: ray.ObjectRef | None = None  # what every block is called with besides them
+
+    def files(self, shard: Shard) -> ShardFiles:
+        fname = shard_file_name(shard.index + 1, len(self.plan.partition.shards) + 1)
+        return ShardFiles(str(self.evaluated_dir / fname), str(self.export_dir / fname))
+
+    def input_of(self, k: int, actor) -> ray.ObjectRef:
+        """Shard k's input activations, rebuilt on `actor` from the last known link if missing."""
+        if k not in self.inputs:
+            if k == 0:  # the first block's inputs, from the embedding
+                self.inputs[0], self.block_kwargs = actor.embed.options(num_returns=2).remote(
+                    list(self.plan.partition.rest_keys), self.plan.calibration.input_ids,
+                    self.plan.recipe.config.data.calibration.batch_size)
+            else:
+                previous = self.plan.partition.shards[k - 1]
+                hidden = self.input_of(k - 1, actor)
+                source = self.files(previous).evaluated if self.sequential else None
+                self.inputs[k] = actor.forward.remote(previous, hidden, self.block_kwargs, source)
+        return self.inputs[k]
 
     def submit(self, shard: Shard, actor) -> ray.ObjectRef:
         """Queue a shard on an actor; returns the ref of its ShardResult."""
         k = shard.index
-        fname = shard_file_name(k + 1, len(self.plan.partition.shards) + 1)
-        files = ShardFiles(str(self.evaluated_dir / fname), str(self.export_dir / fname))
         compress = actor.compress.options(num_returns=2)
         if not self.plan.calibrated:
-            return compress.remote(shard, self.stages, files)[0]
-        dense_out = actor.calibrate.remote(shard, self.inputs[k], self.block_kwargs, self.stages)
+            return compress.remote(shard, self.stages, self.files(shard))[0]
+        hidden = self.input_of(k, actor)
+        dense_out = actor.calibrate.remote(shard, hidden, self.block_kwargs, self.stages)
         if self.sequential:
-            result, self.inputs[k + 1] = compress.remote(shard, self.stages, files, self.inputs[k], self.block_kwargs)
+            result, self.inputs[k + 1] = compress.remote(shard, self.stages, self.files(shard), hidden,
+                                                         self.block_kwargs)
         else:
             self.inputs[k + 1] = dense_out
-            result, _ = compress.remote(shard, self.stages, files)
+            result, _ = compress.remote(shard, self.stages, self.files(shard))
         return result
 
     def done(self, shard: Shard) -> None:
-        """Shard k's inputs are needed by nobody now (a retry would need them): free them."""
+        """Shard k's inputs are needed by nobody now: free them."""
         self.inputs.pop(shard.index, None)
+
+    def forget_inputs(self) -> None:
+        """After a failure: the refs may have died with a node; later shards rebuild them."""
+        self.inputs.clear()
+        self.block_kwargs = None
 
     def close(self) -> None:
         for actor in self.actors:
@@ -244,64 +281,105 @@ class Compressed:
     quantized: list[QuantizedLayer]  # the layers packed in the export
     packed_bytes: int  # their bytes there
     quantized_weights: int  # their weight count
+    reused: int = 0  # shards taken from the store (committed by an earlier, interrupted run)
+    computed: int = 0  # shards compressed by this run
 
 
-def compress_all(plan: Plan, partial: Path, progress: bool) -> Compressed:
-    """Run every shard on the actors, which write each shard twice: partial/evaluated (as the run
-    evaluates it) and partial/model (packed, the export). The driver only keeps records."""
-    partition = plan.partition
+def shard_commit(shard: Shard, result: ShardResult, attempts: int) -> dict:
+    """What the store keeps of a finished shard: enough to assemble the checkpoint and the report."""
+    return {"record": shard_record(shard, result, attempts), "evaluated_keys": result.evaluated_keys,
+            "export_keys": result.export_keys, "evaluated_bytes": result.evaluated_bytes,
+            "export_bytes": result.export_bytes, "packed_bytes": result.packed_bytes,
+            "quantized": [dataclasses.asdict(q) for q in result.quantized]}
+
+
+def compress_all(plan: Plan, progress: bool) -> Compressed:
+    """Compress every shard the store lacks, on the actors, which write each shard twice: evaluated/
+    (as the run evaluates it) and model/ (packed, the export). The driver commits each finished shard
+    to the store and keeps only records. Committed shards of an interrupted run are reused."""
+    partition, store = plan.partition, plan.store
     max_attempts = plan.recipe.config.cluster.max_restarts + 1
     total_files = len(partition.shards) + 1  # the shards, and one file for everything outside the blocks
-    evaluated, export = Checkpoint(partial / "evaluated"), Checkpoint(partial / "model")
-    scheduler = ShardScheduler(plan, evaluated.folder, export.folder)
+    evaluated, export = Checkpoint(store.folder / "evaluated"), Checkpoint(store.folder / "model")
+    commits = store.committed()
+    todo = [s for s in partition.shards if f"{s.index:05d}" not in commits]
     rest_file = shard_file_name(0, total_files)  # everything outside the blocks, copied by a worker
     rest_keys = sorted(partition.rest_keys)
-    rest = scheduler.actors[0].write_rest.remote(
-        rest_keys, ShardFiles(str(evaluated.folder / rest_file), str(export.folder / rest_file)))
-    pending = deque(partition.shards)
+    if not todo and "rest" in commits:
+        scheduler, rest = None, None
+    else:
+        scheduler = ShardScheduler(plan, evaluated.folder, export.folder)
+        rest = None if "rest" in commits else scheduler.actors[0].write_rest.remote(
+            rest_keys, ShardFiles(str(evaluated.folder / rest_file), str(export.folder / rest_file)))
     attempts = {s.index: 0 for s in partition.shards}
+    pending = list(todo)  # in index order: earlier shards first
     in_flight: dict = {}
-    idle = list(scheduler.actors)
-    records: dict[int, dict] = {}
-    quantized: list[QuantizedLayer] = []
-    packed_bytes = 0
-    bar = tqdm(total=len(partition.shards), desc="compress", unit="shard", file=sys.stderr, disable=not progress)
+    idle = list(scheduler.actors) if scheduler else []
+    bar = tqdm(total=len(partition.shards), initial=len(partition.shards) - len(todo), desc="compress",
+               unit="shard", file=sys.stderr, disable=not progress)
+
+    def committed(shard: Shard) -> bool:
+        return f"{shard.index:05d}" in commits
+
+    def ready(shard: Shard) -> bool:  # sequential mode: shard k needs shard k-1 compressed and committed
+        return not (plan.calibrated and scheduler.sequential and shard.index > 0
+                    and not committed(partition.shards[shard.index - 1]))
+
     try:
         while pending or in_flight:
-            while pending and idle:
-                shard, actor = pending.popleft(), idle.pop(0)
+            while idle and (shard := next((s for s in pending if ready(s)), None)):
+                pending.remove(shard)
+                actor = idle.pop(0)
                 attempts[shard.index] += 1
                 in_flight[scheduler.submit(shard, actor)] = (shard, actor)
-            [done], _ = ray.wait(list(in_flight), num_returns=1)
+            ready_refs, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)  # wakes for signals
+            if not ready_refs:
+                continue
+            done = ready_refs[0]
             shard, actor = in_flight.pop(done)
             idle.append(actor)
             try:
                 result: ShardResult = ray.get(done)
-            except (RayActorError, WorkerCrashedError, RayTaskError) as e:
+            except RayError as e:
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                store.event("failure", shard=shard.index, attempt=attempts[shard.index], error=reason)
                 if attempts[shard.index] >= max_attempts:
                     raise ShardFailed(f"shard {shard.index} ({', '.join(shard.modules)}) failed "
-                                      f"{attempts[shard.index]} times; last error: {str(e).splitlines()[0]}") from e
-                bar.write(f"shard {shard.index}: attempt {attempts[shard.index]} failed "
-                          f"({type(e).__name__}); retrying")
-                pending.appendleft(shard)
+                                      f"{attempts[shard.index]} times; last error: {reason}") from e
+                bar.write(f"shard {shard.index}: attempt {attempts[shard.index]} failed ({type(e).__name__}); "
+                          f"retrying")
+                scheduler.forget_inputs()
+                pending = sorted([*pending, shard], key=lambda s: s.index)
                 continue
             scheduler.done(shard)
-            fname = shard_file_name(shard.index + 1, total_files)
-            evaluated.add(fname, result.evaluated_keys, result.evaluated_bytes)
-            export.add(fname, result.export_keys, result.export_bytes)
-            quantized += result.quantized
-            packed_bytes += result.packed_bytes
-            records[shard.index] = shard_record(shard, result, attempts[shard.index])
+            key = f"{shard.index:05d}"
+            files = [Path(f) for f in vars(scheduler.files(shard)).values()]
+            commits[key] = shard_commit(shard, result, attempts[shard.index])
+            store.commit(key, commits[key], files)
             bar.update(1)
-        rest_bytes = ray.get(rest)
-        evaluated.add(rest_file, rest_keys, rest_bytes)
-        export.add(rest_file, rest_keys, rest_bytes)
+        if rest is not None:
+            rest_bytes = ray.get(rest)
+            store.commit("rest", {"bytes": rest_bytes}, [evaluated.folder / rest_file, export.folder / rest_file])
     finally:
         bar.close()
-        scheduler.close()
+        if scheduler:
+            scheduler.close()
+    records, quantized, packed_bytes = [], [], 0
+    for shard in partition.shards:
+        commit = commits[f"{shard.index:05d}"]
+        fname = shard_file_name(shard.index + 1, total_files)
+        evaluated.add(fname, commit["evaluated_keys"], commit["evaluated_bytes"])
+        export.add(fname, commit["export_keys"], commit["export_bytes"])
+        quantized += [QuantizedLayer(q["module"], q["weight_key"], Scheme(**q["scheme"])) for q in commit["quantized"]]
+        packed_bytes += commit["packed_bytes"]
+        records.append({**commit["record"], "reused": shard not in todo})
+    rest_bytes = store.committed()["rest"]["bytes"]
+    evaluated.add(rest_file, rest_keys, rest_bytes)
+    export.add(rest_file, rest_keys, rest_bytes)
     weights = {l.weight_key: l.in_features * l.out_features for s in partition.shards for l in s.linears}
-    return Compressed([records[i] for i in sorted(records)], evaluated, export, quantized, packed_bytes,
-                      sum(weights[l.weight_key] for l in quantized))
+    return Compressed(records, evaluated, export, quantized, packed_bytes,
+                      sum(weights[l.weight_key] for l in quantized),
+                      reused=len(partition.shards) - len(todo), computed=len(todo))
 
 
 def shard_record(shard, result: ShardResult, attempts: int) -> dict:
@@ -327,14 +405,13 @@ def finish_checkpoints(plan: Plan, compressed: Compressed) -> None:
 
 
 def complete_export(plan: Plan, compressed: Compressed) -> dict:
-    """partial/model: index, config with the quantization_config, manifest; the evaluated copy goes."""
+    """partial/model: index, config with the quantization_config, manifest."""
     config = load_config(plan.model_dir, plan.recipe.config.model.trust_remote_code)
     all_linears = linear_modules(skeleton(config, plan.recipe.config.model.trust_remote_code))
     export = compressed.export
     fmt = finish_export(compressed.evaluated.folder, export.folder, export.weight_map, export.tensor_bytes,
                         compressed.quantized, all_linears)
     fsync_dir(export.folder)
-    shutil.rmtree(compressed.evaluated.folder)
     return {"format": fmt, "tensor_bytes": export.tensor_bytes, "quantized_layer_bytes": compressed.packed_bytes,
             "quantized_weights": compressed.quantized_weights}
 
@@ -365,10 +442,8 @@ def run(plan: Plan, progress: bool = True) -> dict:
     driver_memory = PeakRss().start()
     timer.add("plan", plan.seconds)
     t0 = time.perf_counter() - plan.seconds
-    partial = plan.run_dir.with_name(f".{plan.run_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    (partial / "evaluated").mkdir(parents=True)  # the checkpoint the run evaluates (removed at the end)
-    (partial / "model").mkdir()  # the export
+    partial = plan.store.folder
+    plan.store.prepare()  # evaluated/ (what the run evaluates; removed at the end), model/ (the export)
     (partial / "recipe.yaml").write_text(recipe.yaml)
 
     t = time.perf_counter()
@@ -376,13 +451,16 @@ def run(plan: Plan, progress: bool = True) -> dict:
     timer.add("ray_start", time.perf_counter() - t)
     try:
         t = time.perf_counter()
-        compressed = compress_all(plan, partial, progress)
+        compressed = compress_all(plan, progress)
         finish_checkpoints(plan, compressed)
         timer.add("compress", time.perf_counter() - t)
 
         t = time.perf_counter()
         quality, speed = measure(plan, compressed.evaluated.folder, partial / "eval")
         timer.add("evaluate", time.perf_counter() - t)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop` (cli.py): committed shards stay
+        plan.store.event("stopped", committed=len(plan.store.committed()))
+        raise
     finally:
         if owns_ray:
             ray.shutdown()
@@ -392,6 +470,8 @@ def run(plan: Plan, progress: bool = True) -> dict:
     timer.add("export", time.perf_counter() - t)
     data = report.build(plan, compressed.shards, quality, speed, timer.phases, started, partial / "model", sizes,
                         driver_memory.stop())
+    data["store"] = {"shards_reused": compressed.reused, "shards_computed": compressed.computed,
+                     "retries": len(plan.store.events("failure"))}
     plots.run_plots(data, partial / "plots")
 
     def write_report(d: dict) -> None:
@@ -404,7 +484,11 @@ def run(plan: Plan, progress: bool = True) -> dict:
 
 
 def finalize(partial: Path, run_dir: Path) -> None:
-    """Swap the finished folder into place; an older run there (with --overwrite) goes last."""
+    """Swap the finished folder into place; an older run there (with --overwrite) goes last. The store's
+    bookkeeping and the evaluated copy go; events.jsonl (commits, retries, stops) stays with the run."""
+    for name in ("evaluated", "shards"):
+        shutil.rmtree(partial / name, ignore_errors=True)
+    (partial / "store.json").unlink(missing_ok=True)
     old = run_dir.with_name(f".{run_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if run_dir.exists():

@@ -237,12 +237,17 @@ def markdown(data: dict) -> str:
     out += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(data)]
     out += ["", f"Size format: {data['size']['format']}.", "", "## Timing", "", "| phase | seconds |", "|---|---|"]
     out += [f"| {k} | {v:.2f} |" for k, v in data["timing"]["phases"].items()]
-    out += ["", "## Shards", "", "| shard | modules | seconds | attempts | device | layers | mean rel. error |",
-            "|---|---|---|---|---|---|---|"]
+    store = data.get("store") or {}
+    out += ["", "## Shards", "", f"{store.get('shards_computed', '?')} computed by this run, "
+            f"{store.get('shards_reused', 0)} reused from an interrupted run; {store.get('retries', 0)} failed "
+            "attempts retried.", "",
+            "| shard | modules | seconds | attempts | device | layers | mean rel. error | reused |",
+            "|---|---|---|---|---|---|---|---|"]
     for s in data["shards"]:
         errs = list(s["error"].values())
         out.append(f"| {s['index']} | {', '.join(s['modules'])} | {s['seconds']:.2f} | {s['attempts']} | "
-                   f"{s['worker'].get('device', '?')} | {len(errs)} | {sum(errs) / max(1, len(errs)):.4f} |")
+                   f"{s['worker'].get('device', '?')} | {len(errs)} | {sum(errs) / max(1, len(errs)):.4f} | "
+                   f"{'yes' if s.get('reused') else 'no'} |")
     out += ["", "## Layers", "", "| layer | methods | bits | group | sparsity | rel. error | SQNR dB |",
             "|---|---|---|---|---|---|---|"]
     for s in data["shards"]:

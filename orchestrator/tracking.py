@@ -32,6 +32,8 @@ def metrics_of(report: dict) -> dict[str, float]:
         m[f"timing.{phase}_s"] = seconds
     for key, value in report["cost"].items():
         m[f"cost.{key}"] = value
+    for key, value in (report.get("store") or {}).items():
+        m[f"store.{key}"] = value
     return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
 
 

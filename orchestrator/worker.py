@@ -17,6 +17,7 @@ from typing import Callable
 
 import ray
 import torch
+from safetensors.torch import load_file
 
 from orchestrator.capture import BlockInputs, HessianSet, block_class_of, build_blocks, capture_block_inputs, run_blocks
 from orchestrator.checkpoint import read_keys, write_tensors
@@ -212,6 +213,14 @@ class CompressionWorker:
         self.calibrated[shard.index] = (tensors, hessians, (time.perf_counter() - wall, time.process_time() - cpu))
         return outputs
 
+    def forward(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
+                source: str | None) -> list[torch.Tensor]:
+        """The shard's blocks run on `hidden` -> their outputs: the dense blocks (source None), or the
+        compressed ones in the safetensors file `source`. Rebuilds a lost or skipped link of the chain."""
+        tensors = load_file(source) if source else self.read(list(shard.tensor_keys))
+        blocks = build_blocks(self.config, shard, tensors, self.block_class).to(self.device)
+        return run_blocks(blocks, BlockInputs(hidden, kwargs), device=self.device)[0]
+
     def write_rest(self, keys: list[str], files: ShardFiles) -> int:
         """Copy the tensors outside the blocks (embeddings, norms, head) to both outputs; -> tensor bytes."""
         tensors = self.read(keys)
@@ -224,6 +233,8 @@ class CompressionWorker:
         outputs on `hidden` when given (sequential mode), else None)."""
         cpu = time.process_time()
         tensors, hessians, (capture_s, capture_cpu_s) = self.calibrated.pop(shard.index, (None, None, (0.0, 0.0)))
+        if tensors is None and any(s.technique.needs_calibration for s in stages):
+            raise RuntimeError(f"shard {shard.index}: no calibration statistics on this worker (restarted?)")
         if tensors is None:
             tensors = self.read(list(shard.tensor_keys))
         result = compress_shard(shard, tensors, stages, hessians.of if hessians else (lambda name: None),

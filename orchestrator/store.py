@@ -1,0 +1,150 @@
+"""The shard store: every finished shard is committed atomically, so a rerun resumes where a run stopped.
+
+A run works in `<output.dir>/.<run name>.partial/` until it completes:
+
+    store.json          the fingerprint: the recipe keys that decide the bytes, the model, the calibration data
+    evaluated/, model/  the shard files the workers write (each atomically: temp file, fsync, rename)
+    shards/00003.json   shard 3's commit: its report record, keys and bytes. Written last (temp file,
+                        fsync, rename), so a shard counts as done only once both of its files are complete
+    events.jsonl        one line per commit, retry and stop, flushed as it happens
+
+A rerun with the same fingerprint reuses every committed shard; a different fingerprint is refused
+(`--overwrite` discards the old shards) rather than mixing shards of two different compressions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orchestrator.errors import UserError
+
+# Recipe keys that do not change a shard's bytes: changing them keeps the committed shards usable.
+NOT_IN_FINGERPRINT = ("name", "cluster", "tracking", "output")
+SAMPLED_CHUNKS, CHUNK_BYTES = 16, 1 << 16
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    recipe: str  # sha256 of the resolved recipe without NOT_IN_FINGERPRINT and data.eval
+    model: str  # model_fingerprint()
+    calibration: str | None  # sha256 of the calibration token ids; None for data-free stages
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        names = {"recipe": "the recipe (stages, partition, model dtype or calibration settings)",
+                 "model": "the model's files", "calibration": "the calibration data"}
+        return [names[k] for k in names if getattr(self, k) != getattr(other, k)]
+
+
+def recipe_fingerprint(resolved: dict) -> str:
+    kept = {k: v for k, v in resolved.items() if k not in NOT_IN_FINGERPRINT}
+    kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k != "eval"}
+    kept["model"] = {k: v for k, v in kept.get("model", {}).items() if k != "path"}  # the files are hashed
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """config.json, and every safetensors file's name, size, header (names, dtypes, shapes, offsets) and
+    16 sampled 64 KiB chunks of its data: cheap for a model of hundreds of GB, and it changes with any
+    re-export, re-shard or different model. (A single weight edited in place between samples is missed.)"""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            h.update(f.read(header_len))
+            start = 8 + header_len
+            for i in range(SAMPLED_CHUNKS):
+                f.seek(start + (size - start) * i // SAMPLED_CHUNKS)
+                h.update(f.read(CHUNK_BYTES))
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardStore:
+    """A run's work folder with its committed shards. `open` only reads (it is part of planning, so a
+    refusal changes nothing); `prepare` creates or clears the folder when the run starts."""
+
+    def __init__(self, folder: Path, fingerprint: Fingerprint, reusable: bool):
+        self.folder, self.fingerprint, self.reusable = folder, fingerprint, reusable
+
+    @classmethod
+    def open(cls, folder: Path, fingerprint: Fingerprint, overwrite: bool) -> ShardStore:
+        meta = folder / "store.json"
+        if not meta.is_file():
+            return cls(folder, fingerprint, reusable=False)
+        try:
+            old = Fingerprint(**json.loads(meta.read_text())["fingerprint"])
+        except (ValueError, KeyError, TypeError):
+            old = None
+        if old == fingerprint:
+            return cls(folder, fingerprint, reusable=not overwrite)
+        if overwrite:
+            return cls(folder, fingerprint, reusable=False)
+        changed = ", ".join(fingerprint.differences(old)) if old else "an unreadable store.json"
+        raise UserError(f"output: {folder} holds the shards of an unfinished run that differs from this one "
+                        f"({changed} changed), so they cannot be reused; pass --overwrite to discard them, "
+                        f"or set output.name to start a separate run")
+
+    def prepare(self) -> None:
+        if not self.reusable:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        for sub in ("evaluated", "model", "shards"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.folder / "store.json", {"fingerprint": asdict(self.fingerprint)})
+
+    def commit_path(self, key: str) -> Path:
+        return self.folder / "shards" / f"{key}.json"
+
+    def committed(self) -> dict[str, dict]:
+        """Commits whose files are all still there with their bytes, by key ("00003", "rest")."""
+        out = {}
+        for path in sorted((self.folder / "shards").glob("*.json")):
+            try:
+                commit = json.loads(path.read_text())
+            except ValueError:
+                continue
+            files = [self.folder / f for f in commit.get("files", [])]
+            if commit.get("fingerprint") == self.fingerprint.digest and all(f.is_file() for f in files):
+                out[path.stem] = commit
+        return out
+
+    def commit(self, key: str, data: dict, files: list[Path]) -> bool:
+        """Record a finished shard (its files already written); -> False if it was committed before."""
+        path = self.commit_path(key)
+        if path.exists():
+            return False
+        write_json_atomic(path, {"fingerprint": self.fingerprint.digest,
+                                 "files": [str(f.relative_to(self.folder)) for f in files], **data})
+        self.event("commit", shard=key)
+        return True
+
+    def event(self, kind: str, **fields) -> None:
+        with open(self.folder / "events.jsonl", "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "event": kind, **fields}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        path = self.folder / "events.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
