@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare", help="folder for compare.md and pareto.png (default: %(default)s)")
     c.set_defaults(func=cmd_compare)
 
+    sy = sub.add_parser("sync", help="log a run to MLflow that could not be logged when it ran")
+    sy.add_argument("run_dir", help="the run folder (holding mlflow-pending.json)")
+    sy.add_argument("--tracking-uri", help="MLflow to log to (default: the recipe's tracking.uri)")
+    sy.set_defaults(func=cmd_sync)
+
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the run store")
     ui.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow backend store (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1")
@@ -153,6 +158,23 @@ def cmd_run(args) -> int:
               f"run the same command again to resume", file=sys.stderr)
         return 130
     print(summary_table(data))
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from pathlib import Path
+
+    from orchestrator import tracking
+    from orchestrator.errors import UserError
+
+    run_dir = Path(args.run_dir).expanduser()
+    if not (run_dir / "report.json").is_file():
+        raise UserError(f"run_dir: {run_dir} is not a finished run (no report.json)")
+    if not (run_dir / tracking.PENDING).is_file():
+        print(f"{run_dir}: nothing to sync (already logged, or tracking was off)", file=sys.stderr)
+        return 0
+    info = tracking.sync(run_dir, args.tracking_uri)
+    print(f"logged {run_dir.name} to {info['uri']}: MLflow run {info['run_id']}")
     return 0
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import ActorUnavailableError, RayError
 from tqdm import tqdm
 
 from orchestrator.checkpoint import (
@@ -36,6 +36,9 @@ from orchestrator.planner import Forecast, PeakRss, check_fits, forecast
 from orchestrator.recipe import Recipe, Stage, as_dict
 from orchestrator.store import Fingerprint, ShardStore, model_fingerprint, recipe_fingerprint
 from orchestrator.worker import CompressionWorker, ShardFiles, ShardResult
+
+
+MAX_UNAVAILABLE = 10  # per shard: "actor restarting" answers not counted as attempts, before they are
 
 
 class ShardFailed(RuntimeError):
@@ -312,6 +315,7 @@ def compress_all(plan: Plan, progress: bool) -> Compressed:
         rest = None if "rest" in commits else scheduler.actors[0].write_rest.remote(
             rest_keys, ShardFiles(str(evaluated.folder / rest_file), str(export.folder / rest_file)))
     attempts = {s.index: 0 for s in partition.shards}
+    unavailable = {s.index: 0 for s in partition.shards}
     pending = list(todo)  # in index order: earlier shards first
     in_flight: dict = {}
     idle = list(scheduler.actors) if scheduler else []
@@ -343,11 +347,16 @@ def compress_all(plan: Plan, progress: bool) -> Compressed:
             except RayError as e:
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
                 store.event("failure", shard=shard.index, attempt=attempts[shard.index], error=reason)
-                if attempts[shard.index] >= max_attempts:
+                if isinstance(e, ActorUnavailableError) and unavailable[shard.index] < MAX_UNAVAILABLE:
+                    unavailable[shard.index] += 1  # the actor is restarting: not counted as an attempt
+                    attempts[shard.index] -= 1
+                    time.sleep(0.5)
+                elif attempts[shard.index] >= max_attempts:
                     raise ShardFailed(f"shard {shard.index} ({', '.join(shard.modules)}) failed "
                                       f"{attempts[shard.index]} times; last error: {reason}") from e
-                bar.write(f"shard {shard.index}: attempt {attempts[shard.index]} failed ({type(e).__name__}); "
-                          f"retrying")
+                tqdm.write(f"shard {shard.index}: attempt failed ({type(e).__name__}); retrying", file=sys.stderr)
+                idle.remove(actor)
+                idle.append(actor)  # the retry goes to another worker first
                 scheduler.forget_inputs()
                 pending = sorted([*pending, shard], key=lambda s: s.index)
                 continue

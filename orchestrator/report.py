@@ -224,8 +224,10 @@ def summary_table(data: dict) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"wall time: {data['timing']['total_s']:.1f} s  ({', '.join(f'{k} {v:.1f}s' for k, v in data['timing']['phases'].items())})")
     lines.append(f"run folder: {data['run']['dir']}")
-    if data.get("mlflow"):
-        lines.append(f"mlflow run: {data['mlflow']['run_id']}  ({data['mlflow']['uri']})")
+    if (mlflow := data.get("mlflow")) and mlflow.get("run_id"):
+        lines.append(f"mlflow run: {mlflow['run_id']}  ({mlflow['uri']})")
+    elif mlflow:
+        lines.append(f"mlflow: not reached ({mlflow['uri']}); kept in {mlflow['pending']} for `orchestrator sync`")
     return "\n".join(lines)
 
 

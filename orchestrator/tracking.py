@@ -1,16 +1,21 @@
 """MLflow: one run per compression, with the flattened recipe, the metrics and the reports.
 
 If the tracking server cannot be reached the compression still succeeds: a
-warning says so and the run folder keeps everything.
+warning says so, the run folder keeps everything (mlflow-pending.json), and
+`orchestrator sync RUN_DIR` logs it later.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import urllib.request
 import warnings
 from pathlib import Path
 
+from orchestrator.errors import UserError
 from orchestrator.recipe import Recipe, as_dict, flatten
 
 
@@ -56,54 +61,114 @@ def quality_speed_metrics(q: dict, speed: dict | None) -> dict:
     return m
 
 
+PENDING = "mlflow-pending.json"  # what could not be logged, kept beside the run for `orchestrator sync`
+PROBE_TIMEOUT_S = 5
+
+
+def run_bundle(recipe: Recipe, report: dict) -> dict:
+    """Everything one MLflow run holds, as plain data: it can be logged now or replayed later."""
+    cfg = recipe.config.tracking
+    tags = {
+        "model": report["model"]["path"],
+        "architecture": report["model"]["architecture"],
+        "methods": "+".join(s.technique.name for s in recipe.stages),
+        "recipe_hash": recipe.hash,
+    }
+    if report.get("calibration"):
+        tags["calibration_sha256"] = report["calibration"]["sha256"]
+        tags["calibration_mode"] = report["calibration"]["mode"]
+    for s in recipe.stages:
+        for key in ("bits", "group_size", "sparsity", "pattern"):
+            if hasattr(s.params, key):
+                tags[key] = str(getattr(s.params, key))
+    steps = []  # [name, value, step]: per-shard curves
+    for shard in report["shards"]:
+        errors = list(shard["error"].values())
+        steps += [["shard.seconds", shard["seconds"], shard["index"]],
+                  ["shard.capture_seconds", shard["capture_seconds"], shard["index"]],
+                  ["shard.mean_relative_error", sum(errors) / max(1, len(errors)), shard["index"]]]
+    return {"uri": cfg.uri, "experiment": cfg.experiment, "run_name": recipe.run_name, "tags": tags,
+            "params": {k: str(v) for k, v in flatten(as_dict(recipe)).items()},
+            "metrics": metrics_of(report), "steps": steps}
+
+
+def reachable(uri: str) -> str | None:
+    """None if an MLflow server answers at `uri` (http/https; other stores are tried directly), else why not."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S)
+        return None
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+
+
+def replay(bundle: dict, uri: str, report: dict, run_folder: Path, write_report) -> dict:
+    """Log `bundle` as one MLflow run at `uri`, then the run folder's reports and plots. -> report["mlflow"].
+    `write_report(report)` is called once the run id is in the report, before report.json is uploaded."""
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO chatter about tables
+    for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(var, value)  # a server that dies mid-run costs seconds, not many minutes
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(bundle["experiment"])
+    with mlflow.start_run(run_name=bundle["run_name"], tags=bundle["tags"]) as run:
+        report["mlflow"] = {"run_id": run.info.run_id, "experiment": bundle["experiment"], "uri": uri}
+        mlflow.log_params(bundle["params"])
+        mlflow.log_metrics(bundle["metrics"])
+        for name, value, step in bundle["steps"]:
+            mlflow.log_metric(name, value, step=step)
+        write_report(report)
+        for name in ("recipe.yaml", "report.json", "report.md"):
+            mlflow.log_artifact(str(run_folder / name))
+        if (run_folder / "plots").is_dir():
+            mlflow.log_artifacts(str(run_folder / "plots"), artifact_path="plots")
+    return report["mlflow"]
+
+
 def log_run(recipe: Recipe, report: dict, run_folder: Path, write_report) -> dict | None:
-    """Log one MLflow run; `write_report(report)` is called once the run id is known."""
+    """Log one MLflow run; `write_report(report)` is called once report["mlflow"] is known. If MLflow
+    cannot be reached the compression still succeeds: a warning says so, and what would have been
+    logged is kept in the run folder (mlflow-pending.json) for `orchestrator sync`."""
     cfg = recipe.config.tracking
     if not cfg.enabled:
         write_report(report)
         return None
-    try:
-        import mlflow
+    bundle = run_bundle(recipe, report)
+    problem = reachable(cfg.uri)
+    if problem is None:
+        try:
+            return replay(bundle, cfg.uri, report, run_folder, write_report)
+        except Exception as e:  # tracking must never cost the user the compression
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    write_json(run_folder / PENDING, bundle)
+    report["mlflow"] = {"run_id": None, "pending": PENDING, "uri": cfg.uri}
+    write_report(report)
+    warnings.warn(f"MLflow at {cfg.uri} could not be reached ({problem}); the metrics and artifacts are kept in "
+                  f"{run_folder.name}/{PENDING}: `orchestrator sync RUN_DIR` logs them once MLflow is back")
+    return None
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO chatter about tables
-        mlflow.set_tracking_uri(cfg.uri)
-        mlflow.set_experiment(cfg.experiment)
-        tags = {
-            "model": report["model"]["path"],
-            "architecture": report["model"]["architecture"],
-            "methods": "+".join(s.technique.name for s in recipe.stages),
-            "recipe_hash": recipe.hash,
-        }
-        if report.get("calibration"):
-            tags["calibration_sha256"] = report["calibration"]["sha256"]
-            tags["calibration_mode"] = report["calibration"]["mode"]
-        for s in recipe.stages:
-            for key in ("bits", "group_size", "sparsity", "pattern"):
-                if hasattr(s.params, key):
-                    tags[key] = str(getattr(s.params, key))
-        with mlflow.start_run(run_name=recipe.run_name, tags=tags) as run:
-            info = {"run_id": run.info.run_id, "experiment": cfg.experiment, "uri": cfg.uri}
-            report["mlflow"] = info
-            params = {k: str(v) for k, v in flatten(as_dict(recipe)).items()}
-            mlflow.log_params(params)
-            mlflow.log_metrics(metrics_of(report))
-            for shard in report["shards"]:
-                errors = list(shard["error"].values())
-                mlflow.log_metric("shard.seconds", shard["seconds"], step=shard["index"])
-                mlflow.log_metric("shard.capture_seconds", shard["capture_seconds"], step=shard["index"])
-                mlflow.log_metric("shard.mean_relative_error", sum(errors) / max(1, len(errors)), step=shard["index"])
-            write_report(report)
-            for name in ("recipe.yaml", "report.json", "report.md"):
-                mlflow.log_artifact(str(run_folder / name))
-            if (run_folder / "plots").is_dir():
-                mlflow.log_artifacts(str(run_folder / "plots"), artifact_path="plots")
-            return info
-    except Exception as e:  # tracking must never cost the user the compression
-        warnings.warn(f"MLflow logging to {cfg.uri} failed ({type(e).__name__}: {e}); "
-                      f"everything is kept in {run_folder.name}/")
-        report["mlflow"] = None
-        write_report(report)
-        return None
+
+def sync(run_dir: Path, uri: str | None) -> dict:
+    """Replay a run's pending MLflow logging (`orchestrator sync`). -> report["mlflow"]."""
+    from orchestrator import report as reports
+
+    pending = run_dir / PENDING
+    bundle = json.loads(pending.read_text())
+    uri = uri or bundle["uri"]
+    if (problem := reachable(uri)) is not None:
+        raise UserError(f"--tracking-uri: MLflow at {uri} cannot be reached ({problem})")
+    data = json.loads((run_dir / "report.json").read_text())
+    info = replay(bundle, uri, data, run_dir, lambda d: reports.write(run_dir, d))
+    pending.unlink()
+    return info
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def eval_metrics(data: dict) -> dict[str, float]:
