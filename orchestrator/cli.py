@@ -146,7 +146,6 @@ def cmd_run(args) -> int:
           f"{len(plan.partition.shards)} shards, {recipe.config.cluster.workers} workers"
           + (f"; resuming: {reusable} committed files found in {plan.store.folder}" if reusable else ""),
           file=sys.stderr)
-    stop_on_sigterm()
     try:
         data = run(plan, progress=not args.quiet)
     except ShardFailed as e:
@@ -176,19 +175,6 @@ def cmd_sync(args) -> int:
     info = tracking.sync(run_dir, args.tracking_uri)
     print(f"logged {run_dir.name} to {info['uri']}: MLflow run {info['run_id']}")
     return 0
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (`ray job stop`, a scheduler's kill) stops the run as Ctrl-C does: committed shards and
-    the event log are on disk already; the exception unwinds Ray and the progress bar cleanly."""
-    import signal
-    import threading
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def cmd_submit(args) -> int:

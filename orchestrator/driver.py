@@ -13,7 +13,9 @@ import dataclasses
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +148,17 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
     check_fits(plan.forecast, plan)
     plan.seconds = time.perf_counter() - t0
     return plan
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, a scheduler's kill) stops the run as Ctrl-C does: the committed shards
+    are on disk already; the exception unwinds the actors and the progress bar and logs the stop."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def partial_dir(run_dir: Path) -> Path:
@@ -457,6 +470,7 @@ def run(plan: Plan, progress: bool = True) -> dict:
 
     t = time.perf_counter()
     owns_ray = start_ray(recipe)
+    stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler (sys.exit)
     timer.add("ray_start", time.perf_counter() - t)
     try:
         t = time.perf_counter()

@@ -28,6 +28,24 @@ def micro_lm(cache_dir) -> Path:
     return resolve_reference("micro-lm", progress=False)
 
 
+@pytest.fixture(scope="session")
+def chaos_model(tmp_path_factory, micro_lm) -> Path:
+    """A random Llama whose 4 shards take ~4 s each on one CPU: long enough to hit one mid-shard."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dest = tmp_path_factory.mktemp("chaos-model")
+    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # micro-lm's tokenizer has the same 512 ids
+        shutil.copy(micro_lm / name, dest / name)
+    return dest
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`orchestrator ARGS` in a fresh process, as a user would type it."""
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")

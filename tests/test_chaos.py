@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-import torch
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import REPO, run_cli
 from orchestrator.checkpoint import file_sha256
@@ -29,19 +26,6 @@ from test_ui import free_port, ui_server
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 RECIPE = str(REPO / "recipes" / "gptq-w4g128.yaml")
 QUIET = ["data.eval.enabled=false", "tracking.enabled=false", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def chaos_model(tmp_path_factory, micro_lm) -> Path:
-    """A random Llama whose 4 shards take ~4 s each on one CPU: long enough to hit one mid-shard."""
-    dest = tmp_path_factory.mktemp("chaos-model")
-    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # micro-lm's tokenizer has the same 512 ids
-        shutil.copy(micro_lm / name, dest / name)
-    return dest
 
 
 def hashes(run_dir: Path) -> dict[str, str]:

@@ -26,9 +26,13 @@ def ray_head(tmp_path_factory):
     dashboard = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    start = [RAY, "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", "--num-cpus=4", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=true",
-             "--disable-usage-stats"]
+    gcs_port = free_port()
+    # free ports everywhere, not Ray's fixed defaults, which a stray process from an earlier run may hold
+    ports = [f"--port={gcs_port}"] + [f"--{name}={free_port()}" for name in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    start = [RAY, "start", "--head", *ports, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             "--num-cpus=4", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=true", "--disable-usage-stats"]
     proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     address = f"http://127.0.0.1:{dashboard}"
@@ -41,11 +45,22 @@ def ray_head(tmp_path_factory):
             time.sleep(0.5)
     try:
         yield address, tmp, env
-    finally:  # only this head's processes (their command lines name its temp dir); `ray stop` would end every Ray
-        ours = [p for p in psutil.process_iter(["cmdline"]) if str(tmp / "ray") in " ".join(p.info["cmdline"] or [])]
+    finally:  # only this head's processes (their command lines name its temp dir) and their children (agents
+        # retitle themselves, e.g. ray::DashboardAgent); `ray stop` would end every Ray on the machine
+        marks = (str(tmp / "ray"), f":{gcs_port}")  # the temp dir, or the GCS address (ray client server)
+        ours = {p for p in psutil.process_iter(["cmdline"])
+                if any(m in " ".join(p.info["cmdline"] or []) for m in marks)}
+        for p in list(ours):
+            try:
+                ours.update(p.children(recursive=True))
+            except psutil.Error:
+                pass
         for p in ours:
-            p.kill()
-        psutil.wait_procs(ours, timeout=30)
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(ours), timeout=30)
 
 
 def wait_for(address, job_id, env, cwd, wanted, timeout=600) -> str:
@@ -98,3 +113,36 @@ def test_submit_rejects_a_bad_recipe_before_contacting_the_cluster(tmp_path):
     proc = run_cli("submit", str(REPO / "recipes" / "rtn-w4g128.yaml"), "stages.0.bits=99",
                    "--address", "http://127.0.0.1:9", cwd=tmp_path)
     assert proc.returncode == 2 and "bits" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def submit(address, tmp, env, *args) -> str:
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", *args, "--address", address],
+                          env=env, cwd=tmp, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.chaos
+def test_a_stopped_job_keeps_its_shards_and_resumes_when_resubmitted(ray_head, chaos_model):
+    address, tmp, env = ray_head
+    args = [str(REPO / "recipes" / "gptq-w4g128.yaml"), f"model.path={chaos_model}", f"output.dir={tmp}/resume",
+            "output.name=job", "tracking.enabled=false", "data.eval.enabled=false", "cluster.workers=1"]
+    store = tmp / "resume" / ".job.partial"
+    first = submit(address, tmp, env, *args)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((store / "shards").glob("0*.json")):
+        time.sleep(0.2)
+    stop = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "stop", first, "--address", address],
+                          env=env, cwd=tmp, capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    assert wait_for(address, first, env, tmp, {"STOPPED", "SUCCEEDED", "FAILED"}, timeout=120) == "STOPPED"
+    kept = sorted(p.stem for p in (store / "shards").glob("0*.json"))
+    assert 1 <= len(kept) < 4 and not (tmp / "resume" / "job").exists()
+    events = [json.loads(line)["event"] for line in (store / "events.jsonl").read_text().splitlines()]
+    assert events[-1] == "stopped"  # SIGTERM from `ray job stop`: the driver logged its stop before exiting
+
+    second = submit(address, tmp, env, *args)
+    assert wait_for(address, second, env, tmp, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
+    report = json.loads((tmp / "resume" / "job" / "report.json").read_text())
+    assert report["store"]["shards_reused"] >= len(kept)
+    assert report["store"]["shards_reused"] + report["store"]["shards_computed"] == 4
