@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def load_report(run: str, tracking_uri: str) -> dict:
         if not path.is_file():
             raise UserError(f"RUN: {folder} has no report.json (not a finished run folder)")
         return json.loads(path.read_text())
+    if not re.fullmatch(r"[0-9a-f]{32}", run):  # MLflow run ids: 32 hex digits; ask no store about others
+        raise UserError(f"RUN: {run} is neither a run folder nor an MLflow run id")
     try:
         import mlflow
 

@@ -133,19 +133,19 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
     run_dir = out_root / recipe.run_name
     if (run_dir / "report.json").exists() and not (overwrite or cfg.output.overwrite):
         raise UserError(f"output: {run_dir} already holds a complete run; pass --overwrite to replace it")
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-        probe = out_root / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output.dir: cannot write to {out_root} ({e.strerror})") from None
     plan = Plan(recipe, model_dir, partition, run_dir, calibration, 0.0)
     fingerprint = Fingerprint(recipe_fingerprint(as_dict(recipe)), model_fingerprint(model_dir),
                               calibration.sha256 if calibration else None)
     plan.store = ShardStore.open(partial_dir(run_dir), fingerprint, overwrite or cfg.output.overwrite)
     plan.forecast = forecast(plan)
     check_fits(plan.forecast, plan)
+    try:  # last of the checks: the probe touches the folder
+        out_root.mkdir(parents=True, exist_ok=True)
+        probe = out_root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output.dir: cannot write to {out_root} ({e.strerror})") from None
     plan.seconds = time.perf_counter() - t0
     return plan
 
