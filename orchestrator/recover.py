@@ -1,0 +1,255 @@
+"""Recovery: distillation fine-tuning of the compressed model against the dense one, with DeepSpeed's ZeRO
+engine inside Ray Train workers (TorchTrainer: one process per worker, gloo on CPU, NCCL on GPU).
+
+Student: the compressed model as the run evaluates it. Only its compressed Linear weights train, as latent
+float32 weights W seen in the forward pass as
+
+    W_eff = mask * grid(W),   grid(W) = (clamp(round(W / s) + z, qmin, qmax) - z) * s
+
+with each layer's own scales s and zeros z, fixed (so the export's scales stay valid), and mask the
+layer's nonzero pattern after pruning, fixed (pruned layers only). The rounding's gradient passes
+straight through (STE). Teacher: the dense model, frozen. Loss: KL(p_teacher || p_student) of the
+next-token distributions, mean per token, plus `hidden_mse` x the MSE of the last hidden states.
+Afterwards every trained weight is put back on its grid, mask applied: what is exported is exactly
+what the student computed with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from orchestrator.techniques.grid import int_range
+
+
+@dataclass
+class RecoverConfig:
+    enabled: bool = False
+    steps: int = 100  # optimizer steps
+    lr: float = 1e-4
+    batch_size: int = 4  # sequences per worker per step
+    seq_len: int = 128
+    num_samples: int = 256  # training windows, drawn (seeded) from data.calibration.source's train split
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters) partitioned
+    offload: bool = False  # optimizer state and step on the CPU (DeepSpeedCPUAdam)
+    workers: int = 2  # Ray Train workers, one process each
+    cpus_per_worker: float = 1.0
+    hidden_mse: float = 0.0  # weight of the last-hidden-state MSE term (0: KL only)
+    checkpoint_every: int = 25  # steps between Ray Train checkpoints (a restarted worker resumes there)
+    max_failures: int = 2  # worker-group restarts Ray Train may make
+
+
+@dataclass
+class TrainedLayer:
+    """A compressed Linear the student trains, and how it was compressed."""
+
+    module: str  # module name in the loaded model
+    weight_key: str  # its checkpoint key
+    bits: int | None  # None: pruned only
+    group_size: int | None  # columns per scale
+    pruned: bool  # its zeros are a mask to keep
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class GridLinear(nn.Module):
+    """A Linear whose latent weight [out, in] is seen on its quantization grid and under its mask."""
+
+    def __init__(self, linear: nn.Linear, layer: TrainedLayer, scale: torch.Tensor | None,
+                 zero: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().float().clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
+                                                                  requires_grad=False)
+        self.bits, self.group_size = layer.bits, layer.group_size
+        self.register_buffer("mask", (self.weight != 0) if layer.pruned else None)
+        self.register_buffer("scale", scale)  # [out, in / group_size] float32
+        self.register_buffer("zero", zero)  # [out, in / group_size] float32 (integers)
+
+    def effective(self, weight: torch.Tensor) -> torch.Tensor:
+        W = weight
+        if self.bits is not None:
+            qmin, qmax = int_range(self.bits)
+            out_features, in_features = W.shape
+            groups = W.reshape(out_features, in_features // self.group_size, self.group_size)
+            s, z = self.scale.unsqueeze(-1), self.zero.unsqueeze(-1)
+            q = torch.clamp(_RoundSTE.apply(groups / s) + z, qmin, qmax)
+            W = ((q - z) * s).reshape(out_features, in_features)
+        return W * self.mask if self.mask is not None else W
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective(self.weight), self.bias)
+
+
+def read_grids(export_dir: Path, layers: list[TrainedLayer]) -> dict[str, torch.Tensor]:
+    """Each quantized layer's scales (and zero points) from the packed export: {module.scale, module.zero}."""
+    index = json.loads((export_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    grids, files = {}, {}
+    for layer in layers:
+        if layer.bits is None:
+            continue
+        prefix = layer.weight_key.removesuffix(".weight")
+        fname = index[f"{prefix}.weight_scale"]
+        tensors = files.setdefault(fname, load_file(export_dir / fname))
+        scale = tensors[f"{prefix}.weight_scale"].float()
+        zero = tensors.get(f"{prefix}.weight_zero_point")
+        grids[f"{layer.module}.scale"] = scale.contiguous()
+        grids[f"{layer.module}.zero"] = (torch.zeros_like(scale) if zero is None else zero.float()).contiguous()
+    return grids
+
+
+def swap_in_grid_linears(model: nn.Module, layers: list[TrainedLayer], grids: dict[str, torch.Tensor]) -> None:
+    for layer in layers:
+        parent_name, _, child = layer.module.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, GridLinear(getattr(parent, child), layer, grids.get(f"{layer.module}.scale"),
+                                          grids.get(f"{layer.module}.zero")))
+
+
+def distillation_loss(teacher_out, student_out, hidden_mse: float) -> torch.Tensor:
+    """KL(p_teacher || p_student) per token, mean over tokens (+ hidden_mse x last-hidden-state MSE)."""
+    t = F.log_softmax(teacher_out.logits.float(), dim=-1)  # [batch, seq, vocab]
+    s = F.log_softmax(student_out.logits.float(), dim=-1)
+    loss = (t.exp() * (t - s)).sum(-1).mean()
+    if hidden_mse:
+        loss = loss + hidden_mse * F.mse_loss(student_out.hidden_states[-1], teacher_out.hidden_states[-1])
+    return loss
+
+
+def deepspeed_config(cfg: RecoverConfig, world: int) -> dict:
+    zero = {"stage": cfg.zero_stage}
+    if cfg.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": cfg.batch_size * world, "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9}
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: DeepSpeed ZeRO on the student, the teacher frozen beside it."""
+    import deepspeed
+    import ray.train
+    from transformers import AutoModelForCausalLM
+
+    cfg = RecoverConfig(**config["recover"])
+    layers = [TrainedLayer(**layer) for layer in config["layers"]]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(config["seed"])
+    teacher = AutoModelForCausalLM.from_pretrained(config["teacher"], dtype=torch.float32).eval()
+    teacher.requires_grad_(False)
+    student = AutoModelForCausalLM.from_pretrained(config["student"], dtype=torch.float32)
+    student.requires_grad_(False)
+    swap_in_grid_linears(student, layers, load_file(config["grids"]))
+    trainable = [p for n, p in student.named_parameters() if n.endswith(".weight") and p.requires_grad]
+    if cfg.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(trainable, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, world),
+                                      dist_init_required=False)
+    ids = config["input_ids"]  # [num_samples, seq_len]
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group: continue from the last checkpoint
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag="latest")
+            start = json.loads((Path(folder) / "progress.json").read_text())["step"]
+    hidden = cfg.hidden_mse > 0
+    for step in range(start, cfg.steps):
+        first = (step * world + rank) * cfg.batch_size  # each rank its own rows, the same for every run
+        batch = ids[torch.arange(first, first + cfg.batch_size) % ids.shape[0]]
+        with torch.no_grad():
+            t_out = teacher(input_ids=batch, output_hidden_states=hidden)
+        loss = distillation_loss(t_out, engine(input_ids=batch, output_hidden_states=hidden), cfg.hidden_mse)
+        engine.backward(loss)
+        engine.step()
+        mean_loss = loss.detach().clone()
+        torch.distributed.all_reduce(mean_loss)
+        metrics = {"step": step + 1, "loss": mean_loss.item() / world}
+        if rank == 0:  # the loss curve, on the shared work folder (a resumed step overwrites its line)
+            with open(config["losses"], "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            with tempfile.TemporaryDirectory() as folder:
+                engine.save_checkpoint(folder, tag="latest")
+                (Path(folder) / "progress.json").write_text(json.dumps({"step": step + 1}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+    write_recovered(engine, layers, config["out"], rank, cfg.zero_stage)
+
+
+def write_recovered(engine, layers: list[TrainedLayer], out: str, rank: int, zero_stage: int) -> None:
+    """Rank 0 writes every trained weight back on its grid, under its mask: {weight_key: [out, in] float32}."""
+    import deepspeed
+
+    modules = {layer.module: engine.module.get_submodule(layer.module) for layer in layers}
+    params = [m.weight for m in modules.values()]
+    gather = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else _Nothing()
+    with gather, torch.no_grad():
+        if rank == 0:
+            tensors = {layer.weight_key: modules[layer.module].effective(modules[layer.module].weight).contiguous()
+                       for layer in layers}
+            tmp = f"{out}.tmp"
+            save_file(tensors, tmp)
+            os.replace(tmp, out)
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg: RecoverConfig, teacher: Path, student: Path, export_dir: Path, layers: list[TrainedLayer],
+          input_ids: torch.Tensor, work_dir: Path, seed: int) -> dict:
+    """Run the distillation on Ray Train; -> {"tensors": the recovered weights, "losses": per step, ...}."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    grids = work_dir / "grids.safetensors"
+    save_file(read_grids(export_dir, layers), grids)
+    out = work_dir / "recovered.safetensors"
+    started = time.perf_counter()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"recover": asdict(cfg), "layers": [asdict(l) for l in layers], "teacher": str(teacher),
+                           "student": str(student), "grids": str(grids), "input_ids": input_ids,
+                           "out": str(out), "losses": str(work_dir / "losses.jsonl"), "seed": seed},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=False,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name="recover", storage_path=str(work_dir / "ray-train"),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    (work_dir / "losses.jsonl").unlink(missing_ok=True)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    by_step = {m["step"]: m["loss"] for m in map(json.loads, (work_dir / "losses.jsonl").read_text().splitlines())}
+    losses = [by_step[step] for step in sorted(by_step)]
+    return {"tensors": load_file(out), "losses": losses, "seconds": round(time.perf_counter() - started, 3)}
