@@ -137,7 +137,8 @@ def cmd_run(args) -> int:
     elif recipe_path is None:
         raise UserError("run: give a recipe file (or --resume RUN_DIR)")
     recipe = load_recipe(recipe_path, overrides)  # all recipe checks, before anything heavy
-    from orchestrator.driver import ShardFailed, make_plan, run
+    from orchestrator.driver import make_plan, run
+    from orchestrator.errors import RunFailed
     from orchestrator.report import summary_table
 
     plan = make_plan(recipe, overwrite=args.overwrite, progress=not args.quiet)
@@ -148,7 +149,7 @@ def cmd_run(args) -> int:
           file=sys.stderr)
     try:
         data = run(plan, progress=not args.quiet)
-    except ShardFailed as e:
+    except RunFailed as e:
         print(f"run failed: {e}. Committed shards are kept in {plan.store.folder}; run again to resume.",
               file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+import torch
 from ray.exceptions import ActorUnavailableError, RayError
 from tqdm import tqdm
 
@@ -29,13 +30,14 @@ from orchestrator.checkpoint import (
     fsync_dir,
     shard_file_name,
     write_index,
+    write_tensors,
 )
 from orchestrator.data import Calibration, calibration_windows
-from orchestrator.errors import UserError
+from orchestrator.errors import RunFailed, UserError
 from orchestrator.export import QuantizedLayer, Scheme, finish_export, linear_modules
 from orchestrator.partition import CAUSAL_LM, Partition, Shard, load_config, partition_model, skeleton
 from orchestrator.planner import Forecast, PeakRss, check_fits, forecast
-from orchestrator.recipe import Recipe, Stage, as_dict
+from orchestrator.recipe import CalibrationDataConfig, Recipe, Stage, as_dict
 from orchestrator.store import Fingerprint, ShardStore, model_fingerprint, recipe_fingerprint
 from orchestrator.worker import CompressionWorker, ShardFiles, ShardResult
 
@@ -43,7 +45,7 @@ from orchestrator.worker import CompressionWorker, ShardFiles, ShardResult
 MAX_UNAVAILABLE = 10  # per shard: "actor restarting" answers not counted as attempts, before they are
 
 
-class ShardFailed(RuntimeError):
+class ShardFailed(RunFailed):
     """A shard failed on every attempt it was allowed."""
 
 
@@ -58,6 +60,7 @@ class Plan:
     store: ShardStore | None = None  # the run's work folder and its committed shards (store.py)
     forecast: Forecast | None = None  # predicted memory and time (planner.py)
     gpus_per_worker: float | None = None  # cluster.gpus_per_worker resolved against the cluster, once Ray is up
+    recover_ids: object = None  # [num_samples, seq_len] token windows for the recover stage, when enabled
 
     @property
     def calibrated(self) -> bool:
@@ -106,6 +109,27 @@ def check_stages(stages: list[Stage], partition: Partition) -> None:
                                 f"input features of {layer.name}")
 
 
+def check_recover(recipe: Recipe, partition: Partition) -> None:
+    """The recover stage distils a causal LM's Linear layers; say so before anything runs."""
+    if not recipe.config.recover.enabled:
+        return
+    if partition.task != CAUSAL_LM:
+        raise UserError("recover.enabled: recovery distils next-token distributions; "
+                        f"{partition.architecture} is not a causal LM")
+    transposed = [l.name for s in partition.shards for l in s.linears
+                  if l.transposed and any(st.applies_to(l.name) for st in recipe.stages)]
+    if transposed:
+        raise UserError(f"recover.enabled: Conv1D layers (e.g. {transposed[0]}) are not packed in the export, "
+                        "so their grids cannot be kept through recovery; not supported yet")
+
+
+def recover_data(cfg) -> CalibrationDataConfig:
+    """The recover stage's training windows: the calibration source, its own count, length and seed."""
+    r = cfg.recover
+    return CalibrationDataConfig(source=cfg.data.calibration.source, num_samples=r.num_samples, seq_len=r.seq_len,
+                                 seed=cfg.data.calibration.seed + 1, batch_size=r.batch_size)
+
+
 def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> Plan:
     cfg = recipe.config
     t0 = time.perf_counter()
@@ -119,7 +143,9 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
         from orchestrator.evaluate import eval_sentences
 
         eval_sentences(cfg.data.eval)
-    if needs_calibration or measures_perplexity:  # data problems surface now, not inside a Ray task
+    check_recover(recipe, partition)
+    recover_ids = None
+    if needs_calibration or measures_perplexity or cfg.recover.enabled:  # data problems surface now
         from transformers import AutoTokenizer
 
         from orchestrator.evaluate import eval_windows
@@ -129,11 +155,13 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
             calibration = calibration_windows(tokenizer, cfg.data.calibration)
         if measures_perplexity:
             eval_windows(tokenizer, cfg.data.eval)
+        if cfg.recover.enabled:
+            recover_ids = calibration_windows(tokenizer, recover_data(cfg)).input_ids
     out_root = Path(cfg.output.dir).expanduser().resolve()
     run_dir = out_root / recipe.run_name
     if (run_dir / "report.json").exists() and not (overwrite or cfg.output.overwrite):
         raise UserError(f"output: {run_dir} already holds a complete run; pass --overwrite to replace it")
-    plan = Plan(recipe, model_dir, partition, run_dir, calibration, 0.0)
+    plan = Plan(recipe, model_dir, partition, run_dir, calibration, 0.0, recover_ids=recover_ids)
     fingerprint = Fingerprint(recipe_fingerprint(as_dict(recipe)), model_fingerprint(model_dir),
                               calibration.sha256 if calibration else None)
     plan.store = ShardStore.open(partial_dir(run_dir), fingerprint, overwrite or cfg.output.overwrite)
@@ -177,7 +205,9 @@ def start_ray(recipe: Recipe) -> bool:
     else:
         # Logical CPUs: the workers plus room for the loader and evaluation tasks.
         wanted = math.ceil(cluster.workers * cluster.cpus_per_worker) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, logging_level="WARNING")
+        # The dashboard serves Ray's state API, which Ray Train's controller polls (the recover stage).
+        ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=recipe.config.recover.enabled,
+                 dashboard_host="127.0.0.1", logging_level="WARNING")
     return True
 
 
@@ -418,6 +448,75 @@ def shard_record(shard, result: ShardResult, attempts: int) -> dict:
     }
 
 
+def trained_layers(plan: Plan, compressed: Compressed) -> list:
+    """Every compressed Linear, as the recover stage trains it (its grid, and its mask if pruned)."""
+    from orchestrator.recover import TrainedLayer
+    from orchestrator.techniques import TECHNIQUES
+
+    keys = {l.name: l.weight_key for s in plan.partition.shards for l in s.linears}
+    return [TrainedLayer(l["name"], keys[l["name"]], l["bits"], l["group_size"],
+                         any(TECHNIQUES[m].kind == "prune" for m in l["methods"]))
+            for record in compressed.shards for l in record["layers"] if l["methods"]]
+
+
+def write_recovered(compressed: Compressed, recovered: dict, grids: dict, out: Path) -> None:
+    """The checkpoint with the recovered weights, file for file: out/evaluated (on the grid, dense dtype)
+    and out/model (packed with the unchanged scales and zeros)."""
+    from safetensors.torch import load_file
+
+    from orchestrator.export import pack_shard
+    from orchestrator.techniques.grid import QuantParams
+
+    evaluated = compressed.evaluated
+    for sub in ("evaluated", "model"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for fname in sorted(set(evaluated.weight_map.values())):
+        tensors = load_file(evaluated.folder / fname)
+        for key in tensors.keys() & recovered.keys():
+            tensors[key] = recovered[key].to(tensors[key].dtype)
+        here = [q for q in compressed.quantized if evaluated.weight_map[q.weight_key] == fname]
+        grid = {q.module: QuantParams(grids[f"{q.module}.scale"], grids[f"{q.module}.zero"].to(torch.int32),
+                                      q.scheme.bits, tensors[q.weight_key].shape[1] if q.scheme.group_size == -1
+                                      else q.scheme.group_size, q.scheme.symmetric) for q in here}
+        packed, _ = pack_shard(tensors, here, grid)
+        write_tensors(out / "evaluated" / fname, tensors)
+        write_tensors(out / "model" / fname, packed)
+
+
+def recover_stage(plan: Plan, compressed: Compressed) -> dict | None:
+    """The recipe's recover stage (recover.py): distil the compressed model against the dense one on Ray
+    Train, write the recovered checkpoint to recovered/ and point `compressed` at it. Committed to the
+    store with its settings, so a rerun with the same settings reuses it."""
+    from orchestrator import evaluate, recover
+
+    cfg = plan.recipe.config
+    if not cfg.recover.enabled:
+        return None
+    store, out = plan.store, plan.store.folder / "recovered"
+    settings = dataclasses.asdict(cfg.recover)
+    commit = store.committed().get("recovered")
+    if commit is None or commit["settings"] != settings:
+        store.commit_path("recovered").unlink(missing_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        before = None
+        if cfg.data.eval.enabled:
+            task = ray.remote(num_cpus=1, max_calls=1)(evaluate.perplexity)
+            before = ray.get(task.remote(str(compressed.evaluated.folder), cfg.data.eval,
+                                         int(max(1, cfg.cluster.cpus_per_worker)))).summary()["perplexity"]
+        layers = trained_layers(plan, compressed)
+        grids = recover.read_grids(compressed.export.folder, compressed.export.weight_map, layers)
+        result = recover.train(cfg.recover, plan.model_dir, compressed.evaluated.folder, grids, layers,
+                               plan.recover_ids, out / "work", cfg.seed)
+        write_recovered(compressed, result["tensors"], grids, out)
+        commit = {"settings": settings, "losses": result["losses"], "seconds": result["seconds"],
+                  "perplexity_before": before, "layers": len(layers)}
+        files = [out / sub / f for sub in ("evaluated", "model") for f in sorted(set(compressed.evaluated.weight_map.values()))]
+        store.commit("recovered", commit, files)
+    compressed.evaluated.folder, compressed.export.folder = out / "evaluated", out / "model"
+    finish_checkpoints(plan, compressed)
+    return {k: commit[k] for k in ("settings", "losses", "seconds", "perplexity_before", "layers")}
+
+
 def finish_checkpoints(plan: Plan, compressed: Compressed) -> None:
     """The evaluated checkpoint's index, config, tokenizer and recipe, beside the files the workers wrote."""
     evaluated = compressed.evaluated
@@ -479,6 +578,11 @@ def run(plan: Plan, progress: bool = True) -> dict:
         timer.add("compress", time.perf_counter() - t)
 
         t = time.perf_counter()
+        recovery = recover_stage(plan, compressed)
+        if recovery:
+            timer.add("recover", time.perf_counter() - t)
+
+        t = time.perf_counter()
         quality, speed = measure(plan, compressed.evaluated.folder, partial / "eval")
         timer.add("evaluate", time.perf_counter() - t)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop` (cli.py): committed shards stay
@@ -490,11 +594,16 @@ def run(plan: Plan, progress: bool = True) -> dict:
 
     t = time.perf_counter()
     sizes = complete_export(plan, compressed)
+    if recovery:  # the recovered export replaces the compressed one
+        shutil.rmtree(partial / "model")
+        compressed.export.folder.rename(partial / "model")
     timer.add("export", time.perf_counter() - t)
     data = report.build(plan, compressed.shards, quality, speed, timer.phases, started, partial / "model", sizes,
                         driver_memory.stop())
     data["store"] = {"shards_reused": compressed.reused, "shards_computed": compressed.computed,
                      "retries": len(plan.store.events("failure"))}
+    if recovery:
+        data["recover"] = recovery | {"perplexity_after": (quality.get("compressed") or {}).get("perplexity")}
     plots.run_plots(data, partial / "plots")
 
     def write_report(d: dict) -> None:
@@ -509,7 +618,7 @@ def run(plan: Plan, progress: bool = True) -> dict:
 def finalize(partial: Path, run_dir: Path) -> None:
     """Swap the finished folder into place; an older run there (with --overwrite) goes last. The store's
     bookkeeping and the evaluated copy go; events.jsonl (commits, retries, stops) stays with the run."""
-    for name in ("evaluated", "shards"):
+    for name in ("evaluated", "shards", "recovered"):
         shutil.rmtree(partial / name, ignore_errors=True)
     (partial / "store.json").unlink(missing_ok=True)
     old = run_dir.with_name(f".{run_dir.name}.old")

@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.errors import UserError
+from orchestrator.recover import RecoverConfig
 from orchestrator.techniques import TECHNIQUES, Technique
 
 
@@ -96,6 +97,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     stages: list[Any] = field(default_factory=list)  # checked by `parse_stage`
+    recover: RecoverConfig = field(default_factory=RecoverConfig)  # distillation after the stages (recover.py)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -226,6 +228,17 @@ def check_values(c: RecipeConfig) -> None:
          f"must be auto or a number >= 0 (fractions below 1 allowed), not {c.cluster.gpus_per_worker!r}"),
         (c.cluster.max_restarts >= 0, "cluster.max_restarts", "must be >= 0"),
         (c.cluster.memory_gb >= 0, "cluster.memory_gb", "must be >= 0 (0: this machine's available memory)"),
+        (c.recover.steps >= 1, "recover.steps", "must be >= 1"),
+        (c.recover.lr > 0, "recover.lr", "must be > 0"),
+        (c.recover.batch_size >= 1, "recover.batch_size", "must be >= 1"),
+        (c.recover.seq_len >= 8, "recover.seq_len", "must be >= 8"),
+        (c.recover.num_samples >= 1, "recover.num_samples", "must be >= 1"),
+        (c.recover.zero_stage in (1, 2, 3), "recover.zero_stage", "must be 1, 2 or 3"),
+        (c.recover.workers >= 1, "recover.workers", "must be >= 1"),
+        (c.recover.cpus_per_worker > 0, "recover.cpus_per_worker", "must be > 0"),
+        (c.recover.hidden_mse >= 0, "recover.hidden_mse", "must be >= 0"),
+        (c.recover.checkpoint_every >= 1, "recover.checkpoint_every", "must be >= 1"),
+        (c.recover.max_failures >= 0, "recover.max_failures", "must be >= 0"),
         (bool(c.output.dir), "output.dir", "must not be empty"),
         (c.output.name is None or re.fullmatch(r"[\w.-]+", c.output.name) is not None, "output.name",
          "may hold only letters, digits, '_', '-' and '.'"),

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from orchestrator.errors import RunFailed
 from orchestrator.techniques.grid import int_range
 
 
@@ -46,6 +47,9 @@ class RecoverConfig:
     hidden_mse: float = 0.0  # weight of the last-hidden-state MSE term (0: KL only)
     checkpoint_every: int = 25  # steps between Ray Train checkpoints (a restarted worker resumes there)
     max_failures: int = 2  # worker-group restarts Ray Train may make
+
+
+CHECKPOINT_TAG = "recover"  # DeepSpeed's checkpoint subfolder (not "latest": DeepSpeed writes a file by that name)
 
 
 @dataclass
@@ -98,9 +102,9 @@ class GridLinear(nn.Module):
         return F.linear(x, self.effective(self.weight), self.bias)
 
 
-def read_grids(export_dir: Path, layers: list[TrainedLayer]) -> dict[str, torch.Tensor]:
-    """Each quantized layer's scales (and zero points) from the packed export: {module.scale, module.zero}."""
-    index = json.loads((export_dir / "model.safetensors.index.json").read_text())["weight_map"]
+def read_grids(export_dir: Path, index: dict[str, str], layers: list[TrainedLayer]) -> dict[str, torch.Tensor]:
+    """Each quantized layer's scales (and zero points) from the packed export, whose files `index` maps
+    each key to: {module.scale, module.zero}, [out, in / group_size] float32."""
     grids, files = {}, {}
     for layer in layers:
         if layer.bits is None:
@@ -173,7 +177,7 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group: continue from the last checkpoint
         with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag="latest")
+            engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
             start = json.loads((Path(folder) / "progress.json").read_text())["step"]
     hidden = cfg.hidden_mse > 0
     for step in range(start, cfg.steps):
@@ -192,7 +196,7 @@ def train_loop(config: dict) -> None:
                 f.write(json.dumps(metrics) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             with tempfile.TemporaryDirectory() as folder:
-                engine.save_checkpoint(folder, tag="latest")
+                engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
                 (Path(folder) / "progress.json").write_text(json.dumps({"step": step + 1}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
@@ -224,15 +228,15 @@ class _Nothing:
         return False
 
 
-def train(cfg: RecoverConfig, teacher: Path, student: Path, export_dir: Path, layers: list[TrainedLayer],
-          input_ids: torch.Tensor, work_dir: Path, seed: int) -> dict:
-    """Run the distillation on Ray Train; -> {"tensors": the recovered weights, "losses": per step, ...}."""
+def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[str, torch.Tensor],
+          layers: list[TrainedLayer], input_ids: torch.Tensor, work_dir: Path, seed: int) -> dict:
+    """Run the distillation on Ray Train; -> {"tensors": the recovered weights, "losses": per step, "seconds"}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     work_dir.mkdir(parents=True, exist_ok=True)
     grids = work_dir / "grids.safetensors"
-    save_file(read_grids(export_dir, layers), grids)
+    save_file(grid_tensors, grids)
     out = work_dir / "recovered.safetensors"
     started = time.perf_counter()
     trainer = TorchTrainer(
@@ -247,9 +251,12 @@ def train(cfg: RecoverConfig, teacher: Path, student: Path, export_dir: Path, la
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     (work_dir / "losses.jsonl").unlink(missing_ok=True)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train gave up after max_failures worker-group restarts
+        raise RunFailed(f"recover: training failed ({type(e).__name__}: {str(e).strip().splitlines()[-1]})") from e
     if result.error:
-        raise result.error
+        raise RunFailed(f"recover: training failed ({result.error})")
     by_step = {m["step"]: m["loss"] for m in map(json.loads, (work_dir / "losses.jsonl").read_text().splitlines())}
     losses = [by_step[step] for step in sorted(by_step)]
     return {"tensors": load_file(out), "losses": losses, "seconds": round(time.perf_counter() - started, 3)}

@@ -26,7 +26,8 @@ from pathlib import Path
 from orchestrator.errors import UserError
 
 # Recipe keys that do not change a shard's bytes: changing them keeps the committed shards usable.
-NOT_IN_FINGERPRINT = ("name", "cluster", "tracking", "output")
+# `recover` neither: the recovered checkpoint is committed apart, with its own settings (driver.recover_stage).
+NOT_IN_FINGERPRINT = ("name", "cluster", "tracking", "output", "recover")
 SAMPLED_CHUNKS, CHUNK_BYTES = 16, 1 << 16
 
 

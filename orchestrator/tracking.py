@@ -39,6 +39,11 @@ def metrics_of(report: dict) -> dict[str, float]:
         m[f"cost.{key}"] = value
     for key, value in (report.get("store") or {}).items():
         m[f"store.{key}"] = value
+    if recover := report.get("recover"):
+        m["recover.perplexity_before"] = recover["perplexity_before"]
+        m["recover.perplexity_after"] = recover["perplexity_after"]
+        m["recover.seconds"] = recover["seconds"]
+        m["recover.final_loss"] = recover["losses"][-1] if recover["losses"] else None
     return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
 
 
@@ -87,6 +92,8 @@ def run_bundle(recipe: Recipe, report: dict) -> dict:
         steps += [["shard.seconds", shard["seconds"], shard["index"]],
                   ["shard.capture_seconds", shard["capture_seconds"], shard["index"]],
                   ["shard.mean_relative_error", sum(errors) / max(1, len(errors)), shard["index"]]]
+    for step, loss in enumerate((report.get("recover") or {}).get("losses", []), start=1):
+        steps.append(["recover.loss", loss, step])
     return {"uri": cfg.uri, "experiment": cfg.experiment, "run_name": recipe.run_name, "tags": tags,
             "params": {k: str(v) for k, v in flatten(as_dict(recipe)).items()},
             "metrics": metrics_of(report), "steps": steps}

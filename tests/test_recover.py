@@ -1,0 +1,135 @@
+"""The recover stage: distillation with DeepSpeed ZeRO in Ray Train workers, masks and grids kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, load_export
+from orchestrator.cli import main
+from orchestrator.checkpoint import file_sha256
+from orchestrator.recover import GridLinear, TrainedLayer
+from orchestrator.techniques.grid import int_range
+
+RECIPE = str(REPO / "recipes" / "sparsegpt-2of4-w4g128-recover.yaml")
+SHORT = ["data.calibration.num_samples=16", "data.calibration.seq_len=64", "recover.steps=4", "recover.lr=0.01",
+         "recover.num_samples=16", "recover.seq_len=64", "recover.batch_size=2", "recover.checkpoint_every=2",
+         "data.eval.max_windows=4", "data.eval.speed=false", "tracking.enabled=false", "--quiet"]
+
+
+def test_grid_linear_sees_its_grid_and_mask_and_passes_gradients_straight_through():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 3, bias=False)
+    with torch.no_grad():
+        linear.weight[:, ::2] = 0  # pruned: every other input
+    scale = torch.full((3, 2), 0.05)
+    layer = GridLinear(linear, TrainedLayer("l", "l.weight", bits=4, group_size=4, pruned=True), scale,
+                       torch.zeros(3, 2))
+    W = layer.effective(layer.weight)
+    assert torch.all(W[:, ::2] == 0)  # the mask holds
+    q = W / 0.05
+    assert torch.equal(q, q.round()) and q.min() >= int_range(4)[0] and q.max() <= int_range(4)[1]
+    layer(torch.randn(5, 8)).sum().backward()
+    grad = layer.weight.grad
+    assert torch.all(grad[:, ::2] == 0) and torch.all(grad[:, 1::2] != 0)  # STE: rounding does not block
+
+
+@pytest.fixture(scope="module")
+def runs(micro_lm, tmp_path_factory):
+    """One compression without recovery, and recoveries with ZeRO 1, 2, 3 (and 2 again)."""
+    out = tmp_path_factory.mktemp("recover")
+    base = [RECIPE, f"model.path={micro_lm}", f"output.dir={out}", *SHORT]
+    assert main(["run", *base, "output.name=plain", "recover.enabled=false"]) == 0
+    for name, stage in (("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero2-again", 2)):
+        assert main(["run", *base, f"output.name={name}", f"recover.zero_stage={stage}"]) == 0, name
+    return out
+
+
+def report(runs, name) -> dict:
+    return json.loads((runs / name / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_zero_stages_optimise_the_same_thing(runs):
+    losses = {stage: report(runs, f"zero{stage}")["recover"]["losses"] for stage in (1, 2, 3)}
+    assert all(len(l) == 4 for l in losses.values())
+    for stage in (2, 3):
+        assert losses[stage] == pytest.approx(losses[1], rel=1e-3), (stage, losses)
+    assert len(set(losses[1])) > 1  # the student changed between steps
+
+
+@pytest.mark.slow
+def test_recovery_keeps_every_pruned_weight_zero_and_every_2of4_group_valid(runs):
+    def block_weights(name):
+        model = load_export(runs / name / "model")
+        return {n: m.weight.detach() for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+    plain, recovered = block_weights("plain"), block_weights("zero2")
+    changed = 0
+    for key, W in recovered.items():
+        before = plain[key]
+        assert torch.all(W[before == 0] == 0), key  # masks exactly preserved
+        groups = (W.reshape(W.shape[0], -1, 4) != 0).sum(-1)
+        assert groups.max() <= 2, key  # 2:4 still valid
+        changed += int(not torch.equal(W, before))
+    assert changed > 0  # recovery did move weights
+
+
+@pytest.mark.slow
+def test_the_recovered_model_exports_and_reports_its_quality(runs):
+    data = report(runs, "zero2")
+    rec = data["recover"]
+    assert rec["perplexity_before"] > 1 and rec["perplexity_after"] == data["quality"]["compressed"]["perplexity"]
+    assert data["size"]["format"] == report(runs, "plain")["size"]["format"]
+    assert data["timing"]["phases"]["recover"] > 0
+    model = load_export(runs / "zero2" / "model")  # transformers loads the packed, recovered export
+    assert model(input_ids=torch.ones(1, 8, dtype=torch.long)).logits.isfinite().all()
+    assert not (runs / "zero2" / "recovered").exists()  # the work folders are gone
+
+
+@pytest.mark.slow
+def test_a_fixed_seed_gives_the_same_bytes(runs):
+    def weights(name):
+        return {p.name: file_sha256(p) for p in sorted((runs / name / "model").glob("*.safetensors"))}
+
+    assert weights("zero2") == weights("zero2-again")
+    assert weights("zero2") != weights("plain")
+    tensors = load_file(sorted((runs / "zero2" / "model").glob("*.safetensors"))[-1])
+    assert any(k.endswith("weight_packed") for k in tensors)  # still packed 4-bit
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
+def test_a_killed_training_worker_resumes_from_its_checkpoint_with_the_same_bytes(micro_lm, tmp_path):
+    args = [RECIPE, f"model.path={micro_lm}", f"output.dir={tmp_path}", *SHORT, "recover.steps=12",
+            "recover.checkpoint_every=4", "data.eval.enabled=false"]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", *args, "output.name=killed"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    losses = tmp_path / ".killed.partial" / "recovered" / "work" / "losses.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (losses.exists() and len(losses.read_text().splitlines()) >= 6):
+        time.sleep(0.1)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker found"
+    workers[0].kill()  # past the checkpoint at step 4, before the end
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Error count: 1" in out  # Ray Train saw the worker die and restarted the group
+    assert main(["run", *args, "output.name=whole"]) == 0
+
+    def weights(name):
+        return {p.name: file_sha256(p) for p in sorted((tmp_path / name / "model").glob("*.safetensors"))}
+
+    assert weights("killed") == weights("whole")
+    report_killed = json.loads((tmp_path / "killed" / "report.json").read_text())
+    assert len(report_killed["recover"]["losses"]) == 12
