@@ -36,6 +36,10 @@ def workspace(tmp_path_factory, micro_lm) -> Path:
     }.items():
         shutil.copytree(micro_lm, ws / name)
         breakage(ws / name)
+    from models import save_random_model
+
+    save_random_model("gpt2", ws / "gpt2")
+    save_random_model("bert", ws / "bert")
     (ws / "empty.txt").write_text("")
     (ws / "short.txt").write_text("far too short for a calibration window\n")
     (ws / "data.csv").write_text("text\nhello\n")
@@ -91,6 +95,13 @@ CASES = [
     ("zero-calibration-samples", lambda ws: run_args(ws, "data.calibration.num_samples=0", recipe=GPTQ),
      "data.calibration.num_samples"),
     ("output-name-with-slash", lambda ws: run_args(ws, "output.name=a/b"), "output.name"),
+    ("recover-zero-stage-4", lambda ws: run_args(ws, "recover.enabled=true", "recover.zero_stage=4"),
+     "recover.zero_stage"),
+    ("recover-lr-0", lambda ws: run_args(ws, "recover.enabled=true", "recover.lr=0"), "recover.lr"),
+    ("recover-an-encoder", lambda ws: run_args(ws, "recover.enabled=true", "stages.0.targets=[query]", model="bert"),
+     "not a causal LM"),
+    ("recover-conv1d-layers", lambda ws: run_args(ws, "recover.enabled=true", "stages.0.targets=[c_fc]",
+                                                  model="gpt2"), "Conv1D"),
     ("zero-blocks-per-shard", lambda ws: run_args(ws, "partition.blocks_per_shard=0"), "partition.blocks_per_shard"),
     # models
     ("model-folder-missing", lambda ws: run_args(ws, model="nowhere"), "nowhere"),
