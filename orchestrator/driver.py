@@ -350,13 +350,14 @@ def compress_all(plan: Plan, progress: bool) -> Compressed:
     commits = store.committed()
     todo = [s for s in partition.shards if f"{s.index:05d}" not in commits]
     rest_file = shard_file_name(0, total_files)  # everything outside the blocks, copied by a worker
+    rest_files = ShardFiles(str(evaluated.folder / rest_file), str(export.folder / rest_file))
     rest_keys = sorted(partition.rest_keys)
     if not todo and "rest" in commits:
         scheduler, rest = None, None
     else:
         scheduler = ShardScheduler(plan, evaluated.folder, export.folder)
-        rest = None if "rest" in commits else scheduler.actors[0].write_rest.remote(
-            rest_keys, ShardFiles(str(evaluated.folder / rest_file), str(export.folder / rest_file)))
+        # (if this worker dies before copying them, the copy is retried on another after the shards)
+        rest = None if "rest" in commits else scheduler.actors[0].write_rest.remote(rest_keys, rest_files)
     attempts = {s.index: 0 for s in partition.shards}
     unavailable = {s.index: 0 for s in partition.shards}
     pending = list(todo)  # in index order: earlier shards first
@@ -410,8 +411,17 @@ def compress_all(plan: Plan, progress: bool) -> Compressed:
             store.commit(key, commits[key], files)
             bar.update(1)
         if rest is not None:
-            rest_bytes = ray.get(rest)
-            store.commit("rest", {"bytes": rest_bytes}, [evaluated.folder / rest_file, export.folder / rest_file])
+            for attempt in range(1, max_attempts + 1):
+                try:
+                    rest_bytes = ray.get(rest)
+                    break
+                except RayError as e:
+                    if attempt == max_attempts:
+                        raise ShardFailed(f"the tensors outside the blocks (embeddings, norms, head) failed "
+                                          f"{attempt} times; last error: {type(e).__name__}") from e
+                    actor = scheduler.actors[attempt % len(scheduler.actors)]
+                    rest = actor.write_rest.remote(rest_keys, rest_files)
+            store.commit("rest", {"bytes": rest_bytes}, [Path(f) for f in vars(rest_files).values()])
     finally:
         bar.close()
         if scheduler:
@@ -509,12 +519,12 @@ def recover_stage(plan: Plan, compressed: Compressed) -> dict | None:
                                plan.recover_ids, out / "work", cfg.seed)
         write_recovered(compressed, result["tensors"], grids, out)
         commit = {"settings": settings, "losses": result["losses"], "seconds": result["seconds"],
-                  "perplexity_before": before, "layers": len(layers)}
+                  "perplexity_before": before, "layers": len(layers), "nodes": result["nodes"]}
         files = [out / sub / f for sub in ("evaluated", "model") for f in sorted(set(compressed.evaluated.weight_map.values()))]
         store.commit("recovered", commit, files)
     compressed.evaluated.folder, compressed.export.folder = out / "evaluated", out / "model"
     finish_checkpoints(plan, compressed)
-    return {k: commit[k] for k in ("settings", "losses", "seconds", "perplexity_before", "layers")}
+    return {k: commit[k] for k in ("settings", "losses", "seconds", "perplexity_before", "layers", "nodes")}
 
 
 def finish_checkpoints(plan: Plan, compressed: Compressed) -> None:

@@ -16,6 +16,7 @@ what the student computed with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -149,6 +150,7 @@ def deepspeed_config(cfg: RecoverConfig, world: int) -> dict:
 def train_loop(config: dict) -> None:
     """One Ray Train worker: DeepSpeed ZeRO on the student, the teacher frozen beside it."""
     import deepspeed
+    import ray
     import ray.train
     from transformers import AutoModelForCausalLM
 
@@ -172,6 +174,10 @@ def train_loop(config: dict) -> None:
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, world),
                                       dist_init_required=False)
+    nodes = [None] * world  # where each rank runs, for the report
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        Path(config["nodes"]).write_text(json.dumps(nodes))
     ids = config["input_ids"]  # [num_samples, seq_len]
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -210,7 +216,7 @@ def write_recovered(engine, layers: list[TrainedLayer], out: str, rank: int, zer
 
     modules = {layer.module: engine.module.get_submodule(layer.module) for layer in layers}
     params = [m.weight for m in modules.values()]
-    gather = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else _Nothing()
+    gather = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else contextlib.nullcontext()
     with gather, torch.no_grad():
         if rank == 0:
             tensors = {layer.weight_key: modules[layer.module].effective(modules[layer.module].weight).contiguous()
@@ -220,17 +226,10 @@ def write_recovered(engine, layers: list[TrainedLayer], out: str, rank: int, zer
             os.replace(tmp, out)
 
 
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[str, torch.Tensor],
           layers: list[TrainedLayer], input_ids: torch.Tensor, work_dir: Path, seed: int) -> dict:
-    """Run the distillation on Ray Train; -> {"tensors": the recovered weights, "losses": per step, "seconds"}."""
+    """Run the distillation on Ray Train; -> {"tensors": the recovered weights, "losses": per step, "seconds",
+    "nodes": each rank's Ray node id}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -243,7 +242,8 @@ def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[s
         train_loop,
         train_loop_config={"recover": asdict(cfg), "layers": [asdict(l) for l in layers], "teacher": str(teacher),
                            "student": str(student), "grids": str(grids), "input_ids": input_ids,
-                           "out": str(out), "losses": str(work_dir / "losses.jsonl"), "seed": seed},
+                           "out": str(out), "losses": str(work_dir / "losses.jsonl"),
+                           "nodes": str(work_dir / "nodes.json"), "seed": seed},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=False,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name="recover", storage_path=str(work_dir / "ray-train"),
@@ -259,4 +259,5 @@ def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[s
         raise RunFailed(f"recover: training failed ({result.error})")
     by_step = {m["step"]: m["loss"] for m in map(json.loads, (work_dir / "losses.jsonl").read_text().splitlines())}
     losses = [by_step[step] for step in sorted(by_step)]
-    return {"tensors": load_file(out), "losses": losses, "seconds": round(time.perf_counter() - started, 3)}
+    return {"tensors": load_file(out), "losses": losses, "seconds": round(time.perf_counter() - started, 3),
+            "nodes": json.loads((work_dir / "nodes.json").read_text())}

@@ -167,8 +167,11 @@ def test_a_killed_driver_resumes_without_recomputing_committed_shards(chaos_mode
     assert changed.returncode == 2 and "cannot be reused" in changed.stderr and "Traceback" not in changed.stderr
     assert sorted(p.stem for p in (store / "shards").glob("0*.json")) == done_before  # refused, nothing touched
 
-    rerun = run_cli("run", RECIPE, f"model.path={chaos_model}", f"output.dir={tmp_path}", "output.name=resumed",
-                    *QUIET, *args, cwd=tmp_path)
+    if mode == "parallel":  # the same command again
+        rerun = run_cli("run", RECIPE, f"model.path={chaos_model}", f"output.dir={tmp_path}", "output.name=resumed",
+                        *QUIET, *args, cwd=tmp_path)
+    else:  # or --resume with the recipe the run saved
+        rerun = run_cli("run", "--resume", str(tmp_path / "resumed"), "--quiet", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming" in rerun.stderr
     report = json.loads((tmp_path / "resumed" / "report.json").read_text())

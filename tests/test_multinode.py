@@ -59,3 +59,26 @@ def test_workers_given_a_gpu_fall_back_to_the_cpu_with_a_warning(micro_lm, tmp_p
         assert shard["worker"]["device"] == "cpu"  # but there is no CUDA: computed on the CPU
     err = capfd.readouterr().err
     assert "granted this worker GPU 0 but CUDA is not available" in err and "compressing on the CPU" in err
+
+
+def test_recovery_workers_on_two_nodes_give_the_bytes_of_one_node(micro_lm, tmp_path):
+    recipe = str(REPO / "recipes" / "sparsegpt-2of4-w4g128-recover.yaml")
+    args = ["run", recipe, f"model.path={micro_lm}", f"output.dir={tmp_path}", *SMALL, "recover.steps=3",
+            "recover.lr=0.01", "recover.num_samples=8", "recover.seq_len=32", "recover.batch_size=2", "--quiet"]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    cluster.add_node(num_cpus=1)  # one CPU per node: the two training workers must use both
+    try:
+        ray.init(address=cluster.address, logging_level="WARNING")
+        assert main([*args, "output.name=two-nodes"]) == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    ray.init(num_cpus=3, include_dashboard=True, logging_level="WARNING")
+    try:
+        assert main([*args, "output.name=one-node"]) == 0
+    finally:
+        ray.shutdown()
+    two = json.loads((tmp_path / "two-nodes" / "report.json").read_text())["recover"]
+    one = json.loads((tmp_path / "one-node" / "report.json").read_text())["recover"]
+    assert len(set(two["nodes"])) == 2 and len(set(one["nodes"])) == 1
+    assert model_hashes(tmp_path / "two-nodes" / "model") == model_hashes(tmp_path / "one-node" / "model")

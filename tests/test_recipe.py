@@ -95,6 +95,13 @@ def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
         assert "Traceback" not in proc.stderr and "error:" in proc.stderr
 
 
+def test_yaml_1_1_words_stay_strings(tmp_path):
+    path = write(tmp_path, GOOD, model="m")
+    recipe = load_recipe(path, ["output.name=off", "name=no"])
+    assert (recipe.config.output.name, recipe.config.name) == ("off", "no")  # not False
+    assert load_recipe(path, ["stages.1.symmetric=false"]).stages[1].params.symmetric is False
+
+
 def test_overrides_may_follow_flags(tmp_path, capsys):
     path = write(tmp_path, GOOD)
     assert main(["run", str(path), "--quiet", "cluster.workers=0"]) == 2

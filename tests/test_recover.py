@@ -10,6 +10,7 @@ import time
 
 import psutil
 import pytest
+from mlflow.tracking import MlflowClient
 import torch
 from safetensors.torch import load_file
 
@@ -49,7 +50,8 @@ def runs(micro_lm, tmp_path_factory):
     base = [RECIPE, f"model.path={micro_lm}", f"output.dir={out}", *SHORT]
     assert main(["run", *base, "output.name=plain", "recover.enabled=false"]) == 0
     for name, stage in (("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero2-again", 2)):
-        assert main(["run", *base, f"output.name={name}", f"recover.zero_stage={stage}"]) == 0, name
+        tracked = [f"tracking.uri=sqlite:///{out}/mlflow.db", "tracking.enabled=true"] if name == "zero2" else []
+        assert main(["run", *base, f"output.name={name}", f"recover.zero_stage={stage}", *tracked]) == 0, name
     return out
 
 
@@ -94,6 +96,12 @@ def test_the_recovered_model_exports_and_reports_its_quality(runs):
     model = load_export(runs / "zero2" / "model")  # transformers loads the packed, recovered export
     assert model(input_ids=torch.ones(1, 8, dtype=torch.long)).logits.isfinite().all()
     assert not (runs / "zero2" / "recovered").exists()  # the work folders are gone
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs}/mlflow.db")
+    run_id = data["mlflow"]["run_id"]
+    assert [m.value for m in client.get_metric_history(run_id, "recover.loss")] == pytest.approx(rec["losses"])
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["recover.perplexity_before"] == pytest.approx(rec["perplexity_before"])
+    assert metrics["recover.perplexity_after"] == pytest.approx(rec["perplexity_after"])
 
 
 @pytest.mark.slow
