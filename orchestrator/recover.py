@@ -152,6 +152,7 @@ def train_loop(config: dict) -> None:
     import deepspeed
     import ray
     import ray.train
+    import ray.train.torch
     from transformers import AutoModelForCausalLM
 
     cfg = RecoverConfig(**config["recover"])
@@ -160,7 +161,8 @@ def train_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(config["seed"])
-    teacher = AutoModelForCausalLM.from_pretrained(config["teacher"], dtype=torch.float32).eval()
+    device = ray.train.torch.get_device()  # this worker's GPU when the trainer has GPUs (NCCL), else the CPU
+    teacher = AutoModelForCausalLM.from_pretrained(config["teacher"], dtype=torch.float32).eval().to(device)
     teacher.requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(config["student"], dtype=torch.float32)
     student.requires_grad_(False)
@@ -188,7 +190,7 @@ def train_loop(config: dict) -> None:
     hidden = cfg.hidden_mse > 0
     for step in range(start, cfg.steps):
         first = (step * world + rank) * cfg.batch_size  # each rank its own rows, the same for every run
-        batch = ids[torch.arange(first, first + cfg.batch_size) % ids.shape[0]]
+        batch = ids[torch.arange(first, first + cfg.batch_size) % ids.shape[0]].to(device)
         with torch.no_grad():
             t_out = teacher(input_ids=batch, output_hidden_states=hidden)
         loss = distillation_loss(t_out, engine(input_ids=batch, output_hidden_states=hidden), cfg.hidden_mse)
@@ -219,7 +221,7 @@ def write_recovered(engine, layers: list[TrainedLayer], out: str, rank: int, zer
     gather = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else contextlib.nullcontext()
     with gather, torch.no_grad():
         if rank == 0:
-            tensors = {layer.weight_key: modules[layer.module].effective(modules[layer.module].weight).contiguous()
+            tensors = {layer.weight_key: modules[layer.module].effective(modules[layer.module].weight).cpu().contiguous()
                        for layer in layers}
             tmp = f"{out}.tmp"
             save_file(tensors, tmp)
@@ -233,6 +235,9 @@ def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import ray
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.workers  # one GPU per worker, NCCL; else gloo on CPUs
     work_dir.mkdir(parents=True, exist_ok=True)
     grids = work_dir / "grids.safetensors"
     save_file(grid_tensors, grids)
@@ -244,7 +249,7 @@ def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[s
                            "student": str(student), "grids": str(grids), "input_ids": input_ids,
                            "out": str(out), "losses": str(work_dir / "losses.jsonl"),
                            "nodes": str(work_dir / "nodes.json"), "seed": seed},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=False,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name="recover", storage_path=str(work_dir / "ray-train"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
