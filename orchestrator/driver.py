@@ -421,7 +421,8 @@ def compress_all(plan: Plan, progress: bool) -> Compressed:
                                           f"{attempt} times; last error: {type(e).__name__}") from e
                     actor = scheduler.actors[attempt % len(scheduler.actors)]
                     rest = actor.write_rest.remote(rest_keys, rest_files)
-            store.commit("rest", {"bytes": rest_bytes}, [Path(f) for f in vars(rest_files).values()])
+            commits["rest"] = {"bytes": rest_bytes}
+            store.commit("rest", commits["rest"], [Path(f) for f in vars(rest_files).values()])
     finally:
         bar.close()
         if scheduler:
@@ -435,7 +436,7 @@ def compress_all(plan: Plan, progress: bool) -> Compressed:
         quantized += [QuantizedLayer(q["module"], q["weight_key"], Scheme(**q["scheme"])) for q in commit["quantized"]]
         packed_bytes += commit["packed_bytes"]
         records.append({**commit["record"], "reused": shard not in todo})
-    rest_bytes = store.committed()["rest"]["bytes"]
+    rest_bytes = commits["rest"]["bytes"]
     evaluated.add(rest_file, rest_keys, rest_bytes)
     export.add(rest_file, rest_keys, rest_bytes)
     weights = {l.weight_key: l.in_features * l.out_features for s in partition.shards for l in s.linears}

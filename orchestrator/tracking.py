@@ -17,6 +17,7 @@ from pathlib import Path
 
 from orchestrator.errors import UserError
 from orchestrator.recipe import Recipe, as_dict, flatten
+from orchestrator.store import write_json_atomic
 
 
 def metrics_of(report: dict) -> dict[str, float]:
@@ -149,7 +150,7 @@ def log_run(recipe: Recipe, report: dict, run_folder: Path, write_report) -> dic
             return replay(bundle, cfg.uri, report, run_folder, write_report)
         except Exception as e:  # tracking must never cost the user the compression
             problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    write_json(run_folder / PENDING, bundle)
+    write_json_atomic(run_folder / PENDING, bundle)
     report["mlflow"] = {"run_id": None, "pending": PENDING, "uri": cfg.uri}
     write_report(report)
     warnings.warn(f"MLflow at {cfg.uri} could not be reached ({problem}); the metrics and artifacts are kept in "
@@ -170,12 +171,6 @@ def sync(run_dir: Path, uri: str | None) -> dict:
     info = replay(bundle, uri, data, run_dir, lambda d: reports.write(run_dir, d))
     pending.unlink()
     return info
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def eval_metrics(data: dict) -> dict[str, float]:
