@@ -137,18 +137,28 @@ def cmd_run(args) -> int:
     elif recipe_path is None:
         raise UserError("run: give a recipe file (or --resume RUN_DIR)")
     recipe = load_recipe(recipe_path, overrides)  # all recipe checks, before anything heavy
-    from orchestrator.driver import make_plan, run
+    from orchestrator.driver import make_plan
+
+    plan = make_plan(recipe, overwrite=args.overwrite, progress=not args.quiet, lock=True)
+    try:
+        return run_plan(plan, args.quiet)
+    finally:
+        plan.lock.release()
+
+
+def run_plan(plan, quiet: bool) -> int:
+    from orchestrator.driver import run
     from orchestrator.errors import RunFailed
     from orchestrator.report import summary_table
 
-    plan = make_plan(recipe, overwrite=args.overwrite, progress=not args.quiet)
+    recipe = plan.recipe
     reusable = len(plan.store.committed()) if plan.store.reusable else 0
     print(f"run {recipe.run_name}: {plan.partition.architecture}, {plan.partition.num_blocks} blocks in "
           f"{len(plan.partition.shards)} shards, {recipe.config.cluster.workers} workers"
           + (f"; resuming: {reusable} committed files found in {plan.store.folder}" if reusable else ""),
           file=sys.stderr)
     try:
-        data = run(plan, progress=not args.quiet)
+        data = run(plan, progress=not quiet)
     except RunFailed as e:
         print(f"run failed: {e}. Committed shards are kept in {plan.store.folder}; run again to resume.",
               file=sys.stderr)

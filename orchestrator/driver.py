@@ -38,7 +38,7 @@ from orchestrator.export import QuantizedLayer, Scheme, finish_export, linear_mo
 from orchestrator.partition import CAUSAL_LM, Partition, Shard, load_config, partition_model, skeleton
 from orchestrator.planner import Forecast, PeakRss, check_fits, forecast
 from orchestrator.recipe import CalibrationDataConfig, Recipe, Stage, as_dict
-from orchestrator.store import Fingerprint, ShardStore, model_fingerprint, recipe_fingerprint
+from orchestrator.store import Fingerprint, RunLock, ShardStore, model_fingerprint, recipe_fingerprint
 from orchestrator.worker import CompressionWorker, ShardFiles, ShardResult
 
 
@@ -61,6 +61,7 @@ class Plan:
     forecast: Forecast | None = None  # predicted memory and time (planner.py)
     gpus_per_worker: float | None = None  # cluster.gpus_per_worker resolved against the cluster, once Ray is up
     recover_ids: object = None  # [num_samples, seq_len] token windows for the recover stage, when enabled
+    lock: RunLock | None = None  # held while the run writes its folder (make_plan(lock=True))
 
     @property
     def calibrated(self) -> bool:
@@ -98,7 +99,8 @@ def check_stages(stages: list[Stage], partition: Partition) -> None:
         if not hits:
             raise UserError(f"key '{where}.targets': matches no Linear layer in the transformer blocks "
                             f"(e.g. {layers[0].name if layers else 'none'})")
-        group = getattr(stage.params, "group_size", -1)
+        quantizes = getattr(stage.params, "bits", None) is not None  # SparseGPT prunes only without bits
+        group = stage.params.group_size if quantizes else -1
         n_m = getattr(stage.params, "n_m", None)
         for layer in hits:
             if group != -1 and layer.in_features % group:
@@ -130,7 +132,9 @@ def recover_data(cfg) -> CalibrationDataConfig:
                                  seed=cfg.data.calibration.seed + 1, batch_size=r.batch_size)
 
 
-def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> Plan:
+def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lock: bool = False) -> Plan:
+    """Every check of the run's input, before Ray starts. lock: hold the run folder against other runs
+    of the same name (RunLock) until `plan.lock.release()` or the process ends."""
     cfg = recipe.config
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model.path, progress)
@@ -159,12 +163,11 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
             recover_ids = calibration_windows(tokenizer, recover_data(cfg)).input_ids
     out_root = Path(cfg.output.dir).expanduser().resolve()
     run_dir = out_root / recipe.run_name
-    if (run_dir / "report.json").exists() and not (overwrite or cfg.output.overwrite):
-        raise UserError(f"output: {run_dir} already holds a complete run; pass --overwrite to replace it")
+    overwrite = overwrite or cfg.output.overwrite
     plan = Plan(recipe, model_dir, partition, run_dir, calibration, 0.0, recover_ids=recover_ids)
     fingerprint = Fingerprint(recipe_fingerprint(as_dict(recipe)), model_fingerprint(model_dir),
                               calibration.sha256 if calibration else None)
-    plan.store = ShardStore.open(partial_dir(run_dir), fingerprint, overwrite or cfg.output.overwrite)
+    plan.store = open_output(run_dir, fingerprint, overwrite)
     plan.forecast = forecast(plan)
     check_fits(plan.forecast, plan)
     try:  # last of the checks: the probe touches the folder
@@ -174,8 +177,23 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True) ->
         probe.unlink()
     except OSError as e:
         raise UserError(f"output.dir: cannot write to {out_root} ({e.strerror})") from None
+    if lock:  # another run of the same name may have changed the folder while this one planned: look again
+        plan.lock = RunLock.acquire(run_dir)
+        try:
+            plan.store = open_output(run_dir, fingerprint, overwrite)
+        except UserError:
+            plan.lock.release()
+            raise
     plan.seconds = time.perf_counter() - t0
     return plan
+
+
+def open_output(run_dir: Path, fingerprint: Fingerprint, overwrite: bool) -> ShardStore:
+    """The run's store, unless the run folder already holds a complete run (replaced only with --overwrite)
+    or unfinished shards of a different compression (ShardStore.open refuses those)."""
+    if (run_dir / "report.json").exists() and not overwrite:
+        raise UserError(f"output: {run_dir} already holds a complete run; pass --overwrite to replace it")
+    return ShardStore.open(partial_dir(run_dir), fingerprint, overwrite)
 
 
 def stop_on_sigterm() -> None:
@@ -205,9 +223,12 @@ def start_ray(recipe: Recipe) -> bool:
     else:
         # Logical CPUs: the workers plus room for the loader and evaluation tasks.
         wanted = math.ceil(cluster.workers * cluster.cpus_per_worker) + 1
-        # The dashboard serves Ray's state API, which Ray Train's controller polls (the recover stage).
-        ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=recipe.config.recover.enabled,
-                 dashboard_host="127.0.0.1", logging_level="WARNING")
+        # address="local": a Ray of our own, even where a Ray node runs on this machine or RAY_ADDRESS is
+        # set (ray.init() would join those, and then refuse num_cpus). The dashboard serves Ray's state
+        # API, which Ray Train's controller polls (the recover stage).
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, wanted),
+                 include_dashboard=recipe.config.recover.enabled, dashboard_host="127.0.0.1",
+                 logging_level="WARNING")
     return True
 
 
@@ -520,12 +541,14 @@ def recover_stage(plan: Plan, compressed: Compressed) -> dict | None:
                                plan.recover_ids, out / "work", cfg.seed)
         write_recovered(compressed, result["tensors"], grids, out)
         commit = {"settings": settings, "losses": result["losses"], "seconds": result["seconds"],
-                  "perplexity_before": before, "layers": len(layers), "nodes": result["nodes"]}
+                  "perplexity_before": before, "layers": len(layers), "nodes": result["nodes"],
+                  "zero_stage": result["zero_stage"], "start_steps": result["start_steps"]}
         files = [out / sub / f for sub in ("evaluated", "model") for f in sorted(set(compressed.evaluated.weight_map.values()))]
         store.commit("recovered", commit, files)
     compressed.evaluated.folder, compressed.export.folder = out / "evaluated", out / "model"
     finish_checkpoints(plan, compressed)
-    return {k: commit[k] for k in ("settings", "losses", "seconds", "perplexity_before", "layers", "nodes")}
+    return {k: commit[k] for k in ("settings", "losses", "seconds", "perplexity_before", "layers", "nodes",
+                                   "zero_stage", "start_steps")}
 
 
 def finish_checkpoints(plan: Plan, compressed: Compressed) -> None:
@@ -546,6 +569,29 @@ def complete_export(plan: Plan, compressed: Compressed) -> dict:
     fsync_dir(export.folder)
     return {"format": fmt, "tensor_bytes": export.tensor_bytes, "quantized_layer_bytes": compressed.packed_bytes,
             "quantized_weights": compressed.quantized_weights}
+
+
+class ExportUnloadable(RunFailed):
+    """The exported checkpoint does not load in transformers, or loads into other outputs."""
+
+
+def check_export_loads(plan: Plan, compressed: Compressed) -> dict:
+    """export.check_loads in a fresh process (a Ray task): the run succeeds only with an export that
+    transformers loads and that computes what the run evaluated."""
+    from orchestrator.export import check_loads
+
+    threads = int(max(1, plan.recipe.config.cluster.cpus_per_worker))
+    task = ray.remote(num_cpus=threads, max_calls=1)(check_loads)
+    try:
+        return ray.get(task.remote(str(compressed.export.folder), str(compressed.evaluated.folder),
+                                   plan.partition.shards[0].modules[0], plan.partition.task != CAUSAL_LM,
+                                   plan.recipe.config.model.trust_remote_code, threads))
+    except RayError as e:
+        cause = getattr(e, "cause", None) or e
+        raise ExportUnloadable(
+            f"the export of this {plan.partition.architecture} does not work: {str(cause).splitlines()[0]}. "
+            "The run is not complete. Asymmetric grids (`symmetric: false` in the stages) export "
+            "naive-quantized int8 weights, a layout more model families load") from None
 
 
 def measure(plan: Plan, compressed_dir: Path, eval_dir: Path) -> tuple[dict, dict | None]:
@@ -594,6 +640,15 @@ def run(plan: Plan, progress: bool = True) -> dict:
             timer.add("recover", time.perf_counter() - t)
 
         t = time.perf_counter()
+        sizes = complete_export(plan, compressed)
+        if recovery:  # the recovered export replaces the compressed one
+            shutil.rmtree(partial / "model")
+            compressed.export.folder.rename(partial / "model")
+            compressed.export.folder = partial / "model"
+        sizes["load_check"] = check_export_loads(plan, compressed)
+        timer.add("export", time.perf_counter() - t)
+
+        t = time.perf_counter()
         quality, speed = measure(plan, compressed.evaluated.folder, partial / "eval")
         timer.add("evaluate", time.perf_counter() - t)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `ray job stop` (cli.py): committed shards stay
@@ -602,13 +657,6 @@ def run(plan: Plan, progress: bool = True) -> dict:
     finally:
         if owns_ray:
             ray.shutdown()
-
-    t = time.perf_counter()
-    sizes = complete_export(plan, compressed)
-    if recovery:  # the recovered export replaces the compressed one
-        shutil.rmtree(partial / "model")
-        compressed.export.folder.rename(partial / "model")
-    timer.add("export", time.perf_counter() - t)
     data = report.build(plan, compressed.shards, quality, speed, timer.phases, started, partial / "model", sizes,
                         driver_memory.stop())
     data["store"] = {"shards_reused": compressed.reused, "shards_computed": compressed.computed,

@@ -23,6 +23,13 @@ index, the config and the manifest. The packed layout:
 Every packed layer is unpacked again with the library and compared with the
 weight the run evaluated: an export that would not reproduce it raises.
 
+Before a run reports success it proves the export loads (`check_loads`): a
+one-block slice of it is loaded with transformers' from_pretrained, in a fresh
+process, and must give the logits of the same slice of the evaluated copy.
+Some families cannot load a packed layer at all (Falcon's `_init_weights` reads
+`FalconLinear.weight`, which pack-quantized layers lack); such a run fails
+rather than deliver a checkpoint nobody can open.
+
 Sparsity is stored as explicit zeros. compressed-tensors 0.20 (the version
 transformers 5.23 requires, >= 0.15) removed its sparse compressors (bitmask,
 2:4): `sparse-bitmask` / `sparse-24-bitmask` remain only as legacy config names
@@ -32,6 +39,7 @@ and `ModelCompressor.update_config` writes an empty `sparsity_config`.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +57,7 @@ from compressed_tensors.quantization import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from orchestrator.checkpoint import copy_non_weight_files, file_sha256, write_index
+from orchestrator.checkpoint import INDEX_NAME, copy_non_weight_files, file_sha256, read_keys, write_index
 from orchestrator.techniques.grid import QuantParams
 
 MANIFEST = "manifest.json"
@@ -166,3 +174,67 @@ def write_manifest(folder: Path) -> None:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
+
+
+LOAD_CHECK_TOLERANCE = 1e-4  # max |logit difference| / max |logit| between the export and the evaluated copy
+
+
+def one_block_slice(model_dir: Path, dest: Path, keep, trust_remote_code: bool) -> None:
+    """dest: model_dir cut down to its first block (config with one layer; the kept tensors in one file)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    layers = config.num_hidden_layers
+    for name, value in config.to_dict().items():  # per-layer settings (e.g. layer_types): the first layer's
+        if isinstance(value, list) and len(value) == layers and layers > 1 and hasattr(config, name):
+            setattr(config, name, value[:1])
+    config.num_hidden_layers = 1
+    config.save_pretrained(dest)
+    weight_map = json.loads((model_dir / INDEX_NAME).read_text())["weight_map"]
+    keys = [k for k in weight_map if keep(k)]
+    write_index(dest, {k: "model.safetensors" for k in keys}, 0)
+    from safetensors.torch import save_file
+
+    save_file(read_keys(model_dir, keys, weight_map), str(dest / "model.safetensors"), metadata={"format": "pt"})
+
+
+def check_loads(export_dir: str, evaluated_dir: str, first_block: str, encoder: bool, trust_remote_code: bool,
+                threads: int) -> dict:
+    """Proof, for a model of any size, that transformers loads the export and computes what the run
+    evaluated: the embeddings, head and first block of each checkpoint, as a one-layer model, loaded with
+    from_pretrained (every tensor must be used, none missing) and run on 16 tokens. -> {"max_logit_error"}
+    (relative). Raises RuntimeError naming transformers' own error when the export does not load or differs.
+    Runs in a fresh process (a Ray task): the driver holds no weights."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # no load report on the user's terminal: the check answers for itself
+    torch.set_num_threads(threads)
+    auto = AutoModel if encoder else AutoModelForCausalLM
+    block_keys = first_block.rsplit(".", 1)[0] + "."  # e.g. model.layers.
+
+    def keep(key: str) -> bool:
+        return not key.startswith(block_keys) or key.startswith(first_block + ".")
+
+    outputs = {}
+    with tempfile.TemporaryDirectory(prefix="load-check-") as tmp:
+        for name, folder in (("export", export_dir), ("evaluated", evaluated_dir)):
+            dest = Path(tmp) / name
+            one_block_slice(Path(folder), dest, keep, trust_remote_code)
+            try:
+                model, info = auto.from_pretrained(dest, trust_remote_code=trust_remote_code, dtype="auto",
+                                                   output_loading_info=True)
+            except Exception as e:  # whatever transformers raises is the answer
+                raise RuntimeError(f"transformers cannot load it: {type(e).__name__}: {e}") from None
+            unused = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+            if unused:
+                raise RuntimeError(f"transformers loads it, but not every tensor: {unused}")
+            with torch.no_grad():
+                out = model.eval()(input_ids=torch.arange(16).remainder(model.config.vocab_size)[None])
+            outputs[name] = (out.last_hidden_state if encoder else out.logits).float()
+    ref = outputs["evaluated"]
+    error = ((outputs["export"] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    if not error <= LOAD_CHECK_TOLERANCE:
+        raise RuntimeError(f"loaded, its first block gives other outputs than the evaluated copy "
+                           f"(relative error {error:.3g} > {LOAD_CHECK_TOLERANCE})")
+    return {"max_logit_error": error, "slice": f"embeddings, head and {first_block}"}

@@ -40,6 +40,7 @@ def build(plan, shards: list[dict], quality: dict, speed: dict | None, phases: d
             "compression_ratio": round(dense_bytes / compressed_bytes, 4),
             "format": sizes["format"],
             "bits_per_weight": bits_per_weight(sizes, partition.num_params),
+            "load_check": sizes["load_check"],  # export.check_loads: transformers loads it, same outputs
         },
         "quality": quality,
         "speed": speed,

@@ -14,10 +14,12 @@ A rerun with the same fingerprint reuses every committed shard; a different fing
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
 import time
 from dataclasses import asdict, dataclass
@@ -149,3 +151,48 @@ class ShardStore:
         path = self.folder / "events.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
         return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
+
+
+class RunLock:
+    """One `orchestrator run` at a time per run folder: an exclusive flock on `<output.dir>/.<run>.lock`.
+
+    The kernel drops the lock when its process ends, however it ends (a SIGKILLed driver included), so a
+    stale lock never blocks. The file says who holds it (pid, host, start time) for the refusal message,
+    and is removed on release; `acquire` checks that the file it locked is still the one at the path, so
+    a holder removing it at that moment cannot leave two processes holding two different files.
+    """
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        path = run_dir.with_name(f".{run_dir.name}.lock")
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise UserError(f"output: run {run_dir.name} in {run_dir.parent} is being written by another "
+                                f"orchestrator run ({holder}); wait for it to end, or set output.name to start "
+                                "a separate run") from None
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)  # its holder removed it between our open and our lock: take the new one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        self.path.unlink(missing_ok=True)  # while still holding it: see acquire
+        os.close(self.fd)
+        self.fd = -1
