@@ -4,9 +4,10 @@ Runs in the project's venv; llm-compressor runs in its own (benchmarks/.peer-ven
 made by benchmarks/setup_peer.sh) through benchmarks/peer_llmcompressor.py.
 
     .venv/bin/python benchmarks/compare_llmcompressor.py                 # tiny-lm, all five cases
-    .venv/bin/python benchmarks/compare_llmcompressor.py --model reference:micro-lm \
-        --calib-samples 16 --calib-seq-len 64 --eval-seq-len 64 --out benchmarks/results-micro.md
+    .venv/bin/python benchmarks/compare_llmcompressor.py --smoke --out /tmp/smoke.md  # micro-lm, 2 cases, short
     .venv/bin/python benchmarks/compare_llmcompressor.py --timing-model  # >= 100M random Llama, GPTQ W4 g128, timing only
+
+(benchmarks/run.sh 3 runs it three times, run.sh 6 once more on a 3.26 GB model.)
 
 Per case (recipes/<case>.yaml):
   1. the calibration ids, computed once with our `calibration_windows` from the
@@ -23,7 +24,8 @@ Per case (recipes/<case>.yaml):
      numpy bytes (the hash data.py computes), or the run stops;
   4. both outputs evaluated with OUR orchestrator.evaluate.perplexity (same
      held-out windows, same code), and the dense model once.
-Writes a markdown table (--out) and the same numbers as JSON next to it.
+Writes a markdown table (--out) and the same numbers as JSON next to it, with the
+provenance (commit, machine, command, load) that benchmarks/common.py records.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "benchmarks"
+from common import (BENCH, ROOT, SMOKE_MODEL, WORK, Bench, clean_env, fmt, orchestrator_cmd, parse_shape,
+                    random_llama, resolve_model, tail)
+
 PEER_PYTHON = BENCH / ".peer-venv" / "bin" / "python"
 PEER_SCRIPT = BENCH / "peer_llmcompressor.py"
 CASES = ["gptq-w4g128", "gptq-w3g128", "sparsegpt-50", "wanda-50", "wanda-2of4"]
@@ -115,29 +118,7 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
                     peak_procs, samples, str(log_path), at_peak)
 
 
-def clean_env(threads: int | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    env["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded at run time
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env["HF_DATASETS_OFFLINE"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def tail(path: str, n: int = 30) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 # ---------------------------------------------------------------- the two tools
-
-def orchestrator_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "orchestrator"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "orchestrator.cli"]
-
 
 def run_ours(case: str, model_dir: Path, work: Path, overrides: list[str], workers: int) -> tuple[Measured, dict, Path]:
     out_root = work / "ours"
@@ -225,17 +206,12 @@ def peer_logits_check(peer_out: Path) -> float:
 
 # ---------------------------------------------------------------- tables
 
-def fmt(x, nd=2):
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
 def ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"# llm-compressor vs orchestrator: {meta['title']}", ""]
-    lines += [f"- {k}: {v}" for k, v in meta["facts"].items()]
+    lines = [f"- {k}: {v}" for k, v in meta["facts"].items()]
     lines += ["", "| case | ours wall s | peer wall s | wall ratio (ours/peer) | ours peak MB | peer peak MB "
                   "| dense ppl | ours ppl | peer ppl | ppl-increase ratio |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -264,56 +240,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- timing model
-
-def build_timing_model(dest: Path, tokenizer_dir: Path, hidden: int, layers: int, ffn: int, heads: int) -> tuple[Path, int]:
-    """A random-initialised Llama (seed 0, float32) with tiny-lm's tokenizer and vocabulary size; cached."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    vocab = len(tok)
-    name = f"llama-random-h{hidden}-l{layers}-f{ffn}-v{vocab}"
-    folder = dest / name
-    if (folder / "config.json").exists():
-        params = json.loads((folder / "params.json").read_text())["params"]
-        return folder, params
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, dtype="float32")
-    model = LlamaForCausalLM(cfg).eval()
-    params = sum(p.numel() for p in model.parameters())
-    tmp = dest / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size="1GB")  # sharded, with model.safetensors.index.json, above 1 GB
-    tok.save_pretrained(tmp)
-    (tmp / "params.json").write_text(json.dumps({"params": params}))
-    tmp.rename(folder)
-    return folder, params
-
-
 # ---------------------------------------------------------------- main
-
-def resolve_model(spec: str | None) -> Path:
-    from orchestrator.reference import resolve_reference
-
-    if spec is None:
-        return resolve_reference("tiny-lm", progress=True)
-    if spec.startswith("reference:"):
-        return resolve_reference(spec.split(":", 1)[1], progress=True)
-    path = Path(spec).expanduser().resolve()
-    if not (path / "config.json").exists():
-        raise SystemExit(f"--model: {path} is not a Hugging Face model folder")
-    return path
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="orchestrator vs llm-compressor: wall time, peak memory, perplexity")
-    p.add_argument("--model", help="model folder or reference:NAME (default: the tiny-lm reference folder)")
+    p.add_argument("--model", default="reference:tiny-lm", help="model folder or reference:NAME (default: %(default)s)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    p.add_argument("--out", default=str(BENCH / "results.md"), help="markdown table; a .json is written beside it")
+    p.add_argument("--out", default=str(BENCH / "results" / "3-tiny-lm.md"),
+                   help="markdown table; a .json (numbers, commit, machine, command) is written beside it")
     p.add_argument("--work", help="scratch folder for outputs and logs (default benchmarks/.work/<model>)")
     p.add_argument("--workers", type=int, default=2, help="our cluster.workers")
     p.add_argument("--calib-samples", type=int, help="override the recipes' data.calibration.num_samples (both tools)")
@@ -336,13 +270,27 @@ def main(argv=None) -> int:
     p.add_argument("--timing-calib-samples", type=int, default=32,
                    help="calibration windows in --timing-model mode (both tools; default 32)")
     p.add_argument("--timing-shape", default="768,12,3072,12", help="hidden,layers,ffn,heads of the timing model")
+    p.add_argument("--min-params", type=float, default=100e6,
+                   help="--timing-model refuses a shape with fewer parameters (default: %(default).0f)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"a quick check of this script: {SMOKE_MODEL}, 16 x 64 calibration windows, 4 evaluation "
+                        "windows of 64 tokens, gptq-w4g128 and wanda-2of4 only; with --timing-model a 2-block "
+                        "random Llama of hidden 128 and 8 calibration windows")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.calib_samples, args.calib_seq_len = SMOKE_MODEL, 16 if not args.timing_model else 8, 64
+        args.eval_seq_len, args.eval_max_windows, args.cases = 64, 4, "gptq-w4g128,wanda-2of4"
+        args.timing_shape, args.min_params = "128,2,256,2", 0
+    with Bench() as bench:
+        return compare(args, bench)
 
+
+def compare(args, bench: Bench) -> int:
     if not PEER_PYTHON.exists():
         raise SystemExit(f"{PEER_PYTHON} not found: run benchmarks/setup_peer.sh first")
     # one comparison at a time: two would share the cores (and, by default, the work folder)
-    (BENCH / ".work").mkdir(parents=True, exist_ok=True)
-    lock = open(BENCH / ".work" / ".lock", "w")
+    WORK.mkdir(parents=True, exist_ok=True)
+    lock = open(WORK / ".lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -362,21 +310,22 @@ def main(argv=None) -> int:
     ours_eval = args.ours_eval and not args.timing_model
     if args.timing_model:
         cases = ["gptq-w4g128"]
-        hidden, layers, ffn, heads = (int(x) for x in args.timing_shape.split(","))
-        work = Path(args.work or BENCH / ".work" / "timing").resolve()
+        shape = parse_shape(args.timing_shape)
+        work = Path(args.work or WORK / "timing").resolve()
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        model_dir, params = build_timing_model(work / "models", base_model, hidden, layers, ffn, heads)
-        facts["timing model"] = (f"random LlamaForCausalLM, hidden {hidden}, {layers} layers, ffn {ffn}, {heads} heads, "
+        model_dir, params = random_llama(work / "models", base_model, **shape)
+        facts["timing model"] = (f"random LlamaForCausalLM, hidden {shape['hidden']}, {shape['layers']} layers, "
+                                 f"ffn {shape['ffn']}, {shape['heads']} heads, "
                                  f"vocab {json.loads((model_dir / 'config.json').read_text())['vocab_size']}: "
                                  f"{params / 1e6:.1f}M parameters, float32 ({time.perf_counter() - t0:.0f} s to build)")
-        if params < 100e6:
-            raise SystemExit(f"--timing-shape gives {params / 1e6:.1f}M parameters, fewer than 100M")
+        if params < args.min_params:
+            raise SystemExit(f"--timing-shape gives {params / 1e6:.1f}M parameters, fewer than --min-params")
         calib_samples = args.timing_calib_samples if args.calib_samples is None else args.calib_samples
         eval_max_windows = None if eval_switch else 1  # no data.eval.enabled: keep our own evaluation to one window
     else:
         model_dir = base_model
-        work = Path(args.work or BENCH / ".work" / model_dir.name).resolve()
+        work = Path(args.work or WORK / model_dir.name).resolve()
         work.mkdir(parents=True, exist_ok=True)
         calib_samples = args.calib_samples
         eval_max_windows = args.eval_max_windows
@@ -424,7 +373,9 @@ def main(argv=None) -> int:
                         "phases": report["timing"]["phases"], "cmd": m_ours.cmd, "log": m_ours.log,
                         "procs_at_peak": m_ours.procs_at_peak, "calibration": report.get("calibration"),
                         "report_ppl": ((report.get("quality") or {}).get("compressed") or {}).get("perplexity"),
-                        "overrides": overrides},
+                        "overrides": overrides, "model_bytes": report["size"]["dense_bytes"],
+                        "plan": report.get("plan"), "memory": report.get("memory"),
+                        "report": str(ours_model.parent / "report.json")},
                "peer": {"wall_s": m_peer.wall_s, "peak_rss_mb": m_peer.peak_rss_mb, "peak_pss_mb": m_peer.peak_pss_mb,
                         "peak_procs": m_peer.peak_procs, "core_s": peer["timing"]["oneshot_s"],
                         "timing": peer["timing"], "cmd": m_peer.cmd, "log": m_peer.log, "settings": peer},
@@ -473,15 +424,13 @@ def main(argv=None) -> int:
                     f"oneshot pipeline independent -> sequential, batch_size {peer_bs}, wall = whole command "
                     f"(imports, load, oneshot, save)",
             "memory": "peak of the summed RSS of the process and all its descendants, sampled every 0.1 s",
-            "machine": f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}: timings provisional",
         })
-        meta = {"title": "timing model" if args.timing_model else model_dir.name, "facts": facts}
-        out_md.parent.mkdir(parents=True, exist_ok=True)
-        out_md.write_text(markdown(meta, rows))
-        out_md.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
-    print(markdown({"title": "timing model" if args.timing_model else model_dir.name, "facts": facts}, rows))
-    print(f"total {time.perf_counter() - t_all:.0f} s; wrote {out_md} and {out_md.with_suffix('.json')}",
-          file=sys.stderr)
+        meta = {"title": "timing model" if args.timing_model else model_dir.name, "facts": facts,
+                "complete": len(rows) == len(cases)}
+        title = f"llm-compressor vs orchestrator: {meta['title']}"
+        bench.write(out_md, title, markdown(meta, rows), {"meta": meta, "rows": rows})
+    print(markdown(meta, rows))
+    print(f"total {time.perf_counter() - t_all:.0f} s", file=sys.stderr)
     return 0
 
 

@@ -1,23 +1,20 @@
-"""Size on disk of the exported checkpoint: dense, W8, W4, 2:4, 2:4 + W4 on the reference model.
+"""Section 4: size on disk of the exported checkpoint: dense, W8, W4, 2:4, 2:4 + W4 on the reference model.
 
-    .venv/bin/python benchmarks/export_sizes.py --out benchmarks/results-export-sizes.md
+    .venv/bin/python benchmarks/export_sizes.py [--only RECIPE ...] [--smoke]
 
 Runs `orchestrator run` once per recipe (in this order, one at a time) and reads
 each report.json: bytes of model/ on disk, compression ratio against the dense
 folder, effective bits per weight (every stored byte counted: packed integers,
 scales, zero points, shapes) for the quantized layers and for the whole model,
-and the perplexity the run measured.
+and the perplexity the run measured. Writes results/4-export-sizes.md and its .json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import SMOKE_MODEL, SMOKE_OVERRIDES, Bench, add_args, brief, run_recipe, table
+
 CASES = [  # (label, recipe)
     ("W8 per channel", "rtn-w8"),
     ("W4 g128", "rtn-w4g128"),
@@ -30,37 +27,28 @@ CASES = [  # (label, recipe)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="reference:tiny-lm")
-    p.add_argument("--work", default=str(REPO / "benchmarks" / ".work" / "export-sizes"))
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results-export-sizes.md"))
+    p.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
+    add_args(p, "4-export-sizes")
     args = p.parse_args()
-    rows = []
-    for label, recipe in CASES:
-        cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(REPO / "recipes" / f"{recipe}.yaml"),
-               f"model.path={args.model}", f"output.dir={args.work}", f"output.name={recipe}",
-               "tracking.enabled=false", "--overwrite", "--quiet"]
-        print(f"[{recipe}] {' '.join(cmd[2:])}", file=sys.stderr)
-        subprocess.run(cmd, check=True)
-        report = json.loads((Path(args.work) / recipe / "report.json").read_text())
-        rows.append((label, recipe, report))
-    dense = rows[0][2]
-    lines = [
-        f"# Export sizes: {args.model} ({dense['model']['params'] / 1e6:.2f}M parameters)", "",
-        "Command: `.venv/bin/python benchmarks/export_sizes.py`", "",
-        "| model | recipe | format | bytes on disk | ratio vs dense | bits/weight, quantized layers "
-        "| bits/weight, whole model | perplexity |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| dense | - | safetensors float32 | {dense['size']['dense_bytes']:,} | 1.00 | 32 | 32 "
-        f"| {dense['quality']['dense']['perplexity']:.3f} |",
-    ]
-    for label, recipe, r in rows:
-        size, bits = r["size"], r["size"]["bits_per_weight"]
-        q = bits["quantized_layers"]
-        lines.append(f"| {label} | {recipe} | {size['format']} | {size['compressed_bytes']:,} | "
-                     f"{size['compression_ratio']:.2f} | {q if q is not None else '-'} | {bits['model']} | "
-                     f"{r['quality']['compressed']['perplexity']:.3f} |")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).write_text(text)
-    print(text)
+    model = SMOKE_MODEL if args.smoke else args.model
+    base = [f"model.path={model}", *(SMOKE_OVERRIDES if args.smoke else [])]
+    with Bench() as bench:
+        reports = [(label, recipe, run_recipe(recipe, base, args.work.resolve(), recipe))
+                   for label, recipe in CASES if not args.only or recipe in args.only]
+        dense = reports[0][2]
+        rows = [["dense", "-", "safetensors float32", f"{dense['size']['dense_bytes']:,}", "1.00", "32", "32",
+                 f"{dense['quality']['dense']['perplexity']:.3f}"]]
+        for label, recipe, r in reports:
+            size, bits = r["size"], r["size"]["bits_per_weight"]
+            q = bits["quantized_layers"]
+            rows.append([label, recipe, size["format"], f"{size['compressed_bytes']:,}",
+                         f"{size['compression_ratio']:.2f}", "-" if q is None else q, bits["model"],
+                         f"{r['quality']['compressed']['perplexity']:.3f}"])
+        header = ["model", "recipe", "format", "bytes on disk", "ratio vs dense", "bits/weight, quantized layers",
+                  "bits/weight, whole model", "perplexity"]
+        notes = f"`{model}` ({dense['model']['params'] / 1e6:.2f}M parameters), each recipe run once."
+        bench.write(args.results / "4-export-sizes.md", "Section 4: size on disk of the export", table(header, rows),
+                    {"model": model, "runs": [brief(r) for _, _, r in reports]}, notes)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,17 @@
-"""Run a set of recipes on the reference model and tabulate quality and time (markdown).
+"""Section 2: every method on the reference model, parallel and sequential calibration: quality and time.
 
-    .venv/bin/python benchmarks/quality_matrix.py [--out benchmarks/quality.md] [--model reference:tiny-lm]
+    .venv/bin/python benchmarks/quality_matrix.py [--only RECIPE ...] [--model reference:tiny-lm] [--smoke]
 
 Each case is `orchestrator run recipes/<recipe>.yaml [overrides]` in its own
 process, as a user would run it; the numbers are read back from report.json.
+Writes results/2-quality.md and its .json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import SMOKE_MODEL, SMOKE_OVERRIDES, Bench, add_args, brief, run_recipe, table
 
 CASES = [  # (recipe, overrides)
     ("rtn-w8", []),
@@ -37,39 +33,34 @@ CASES = [  # (recipe, overrides)
 ]
 
 
-def run_case(recipe: str, overrides: list[str], model: str, out_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(REPO / "recipes" / f"{recipe}.yaml"),
-           f"model.path={model}", f"output.dir={out_dir}", "tracking.enabled=false", "--quiet", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{recipe} {overrides} failed:\n{proc.stderr[-3000:]}")
-    run_dir = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("run folder: "))
-    return json.loads((Path(run_dir) / "report.json").read_text())
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="reference:tiny-lm")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--only", nargs="*", help="recipe names to run (default: all cases)")
-    args = parser.parse_args()
-    rows = ["| recipe | calibration | dense ppl | compressed ppl | ppl increase | mean layer rel. error | "
-            "sparsity | compress s | total s |", "|---|---|---|---|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory() as tmp:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="reference:tiny-lm")
+    p.add_argument("--only", nargs="*", help="recipe names to run (default: all cases)")
+    add_args(p, "2-quality")
+    args = p.parse_args()
+    model = SMOKE_MODEL if args.smoke else args.model
+    base = [f"model.path={model}", "cluster.workers=2", *(SMOKE_OVERRIDES if args.smoke else [])]
+    header = ["recipe", "calibration", "dense ppl", "compressed ppl", "ppl increase", "mean layer rel. error",
+              "sparsity", "compress s", "total s"]
+    rows, runs = [], []
+    with Bench() as bench:
         for recipe, overrides in CASES:
             if args.only and recipe not in args.only:
                 continue
-            r = run_case(recipe, overrides, args.model, Path(tmp))
+            name = recipe + "".join(f"-{o.split('=')[1]}" for o in overrides)
+            r = run_recipe(recipe, base + overrides, args.work.resolve(), name)
             dense, comp = r["quality"]["dense"]["perplexity"], r["quality"]["compressed"]["perplexity"]
             mode = r["calibration"]["mode"] if r.get("calibration") else "none"
-            rows.append(f"| {recipe} | {mode} | {dense:.3f} | {comp:.3f} | {comp - dense:+.3f} | "
-                        f"{r['compression']['mean_relative_error']:.4f} | {r['compression']['mean_sparsity']:.3f} | "
-                        f"{r['timing']['phases']['compress']:.1f} | {r['timing']['total_s']:.1f} |")
+            rows.append([recipe, mode, f"{dense:.3f}", f"{comp:.3f}", f"{comp - dense:+.3f}",
+                         f"{r['compression']['mean_relative_error']:.4f}", f"{r['compression']['mean_sparsity']:.3f}",
+                         f"{r['timing']['phases']['compress']:.1f}", f"{r['timing']['total_s']:.1f}"])
+            runs.append(brief(r))
             print(rows[-1], flush=True)
-    table = "\n".join(rows) + "\n"
-    if args.out:
-        args.out.write_text(table)
-    print(table)
+        notes = (f"`{model}`, 2 workers; \"compress s\" is the compression phase (calibration capture included), "
+                 "\"total s\" the whole run (Ray start, dense and compressed evaluation included).")
+        bench.write(args.results / "2-quality.md", "Section 2: every method on the reference model",
+                    table(header, rows), {"model": model, "runs": runs}, notes)
 
 
 if __name__ == "__main__":

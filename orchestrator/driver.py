@@ -581,7 +581,7 @@ def check_export_loads(plan: Plan, compressed: Compressed) -> dict:
     from orchestrator.export import check_loads
 
     threads = int(max(1, plan.recipe.config.cluster.cpus_per_worker))
-    task = ray.remote(num_cpus=threads, max_calls=1)(check_loads)
+    task = ray.remote(num_cpus=threads)(check_loads)  # its process, libraries imported, then serves `measure`
     try:
         return ray.get(task.remote(str(compressed.export.folder), str(compressed.evaluated.folder),
                                    plan.partition.shards[0].modules[0], plan.partition.task != CAUSAL_LM,

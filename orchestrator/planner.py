@@ -5,22 +5,26 @@ Memory model of one worker compressing one shard (everything it holds at its pea
 - base: the process with torch, transformers, Ray and this package imported (measured: this
   driver process's resident set, which has imported the same);
 - weights: the shard's tensors as read (stored dtype), the compressed copies of the layers it
-  rewrites, and the serialisation buffer safetensors builds while writing a file (about the
-  shard's size again); float32 temporaries of the widest layer (the technique's and the
-  packing check's, about six copies); the worker that copies the embeddings and head also
-  holds those, read and serialised;
+  rewrites, and an allowance of the shard's size again for the packed copy and what the allocator
+  keeps between a worker's shards (fitted to measured peaks: safetensors writes from the tensors'
+  own memory, without a serialisation buffer); float32 temporaries of the widest layer (the
+  technique's and the packing check's, about six copies);
 - Hessians (calibrated stages): one [in, in] float32 matrix per group of layers sharing an input;
 - activations (calibrated stages): the shard's input and output hidden states,
   num_samples x seq_len x hidden x 4 bytes each, plus one batch's intermediate activations;
 - the GPTQ / SparseGPT factorisation of the widest layer: about four [in, in] float32 matrices.
-The driver holds only the base, the partition and the calibration token ids. The object store
-holds the activations between shards: at most one hidden-state tensor per shard boundary in
-flight (workers + 2 of them at once, as shards finish and free their inputs).
+One worker also copies the tensors outside the blocks (embeddings, norms, head) and, for calibrated
+stages, embeds the calibration ids with them: a step of its own, base + those tensors once (read
+memory-mapped, written from the same pages) + the first block's input activations.
+The driver holds no weights: its base (the same libraries, and matplotlib, which it imports for the
+plots), Ray's client (RAY_DRIVER_BYTES), the partition and the calibration token ids. The object
+store holds the activations between shards, one hidden-state tensor per shard boundary in flight:
+in parallel mode each busy worker's input plus the newest output (the next shard's input), workers
++ 1 at once; in sequential mode one shard's input and output.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
@@ -32,6 +36,7 @@ from orchestrator.errors import UserError
 from orchestrator.partition import Shard, load_config
 
 FLOAT32 = 4
+RAY_DRIVER_BYTES = 40_000_000  # what ray.init adds to the driver's resident set (measured: Ray 2.60, Linux)
 # Linear layers that read the very same input tensor, so capture.py accumulates one Hessian for them
 SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv", "key": "qkv", "value": "qkv",
                 "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -66,33 +71,26 @@ class Forecast:
                 "shards": [{"index": s.index, "peak_bytes": s.peak_bytes} for s in self.shards]}
 
 
-class PeakRss:
-    """The highest resident set of this process, sampled in a background thread from start() on.
+def peak_rss() -> int:
+    """The highest resident set of this process since it started, in bytes: the kernel's high-water mark
+    (VmHWM), which sees every spike, the imports and the planning included.
 
-    (getrusage's ru_maxrss will not do for the driver: Linux carries it over from the parent
-    across exec, so a driver started by a large process would report the parent's peak.)
+    (Not getrusage's ru_maxrss: Linux carries that over from the parent across exec, so a driver started
+    by a large process would report the parent's peak.)
     """
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while not self._stop.is_set():
-            self.peak = max(self.peak, process.memory_info().rss)
-            self._stop.wait(self.interval)
+class PeakRss:
+    """driver.run's handle on peak_rss(): stop() returns it (start() has nothing to do; the kernel keeps
+    the mark from the process's start)."""
 
     def start(self) -> "PeakRss":
-        self._thread.start()
         return self
 
     def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, psutil.Process().memory_info().rss)
-        return self.peak
+        return peak_rss()
 
 
 def tensor_bytes(model_dir, keys: list[str], key_to_file: dict[str, str]) -> dict[str, int]:
@@ -129,7 +127,7 @@ def shard_forecast(shard: Shard, sizes: dict[str, int], base: int, calibrated: b
                    hidden: int) -> ShardForecast:
     weights = sum(sizes[k] for k in shard.tensor_keys)
     rewritten = sum(sizes[layer.weight_key] for layer in shard.linears)
-    serialising = weights
+    allowance = weights  # the packed copy, the allocator's slack
     widest = max(shard.linears, key=lambda l: l.in_features * l.out_features)
     working = 6 * widest.in_features * widest.out_features * FLOAT32  # technique and packing temporaries
     hessians = activations = factorisation = 0
@@ -149,7 +147,7 @@ def shard_forecast(shard: Shard, sizes: dict[str, int], base: int, calibrated: b
         flops += sum(2 * l.in_features**3 + 2 * l.out_features * l.in_features * 128 for l in shard.linears)
     else:
         flops += sum(10 * l.in_features * l.out_features for l in shard.linears)
-    peak = base + weights + rewritten + serialising + working + hessians + activations + factorisation
+    peak = base + weights + rewritten + allowance + working + hessians + activations + factorisation
     return ShardForecast(shard.index, weights, hessians, activations, factorisation, peak, flops / 1e9)
 
 
@@ -159,8 +157,10 @@ def forecast(plan) -> Forecast:
     partition = plan.partition
     keys = [k for s in partition.shards for k in s.tensor_keys] + list(partition.rest_keys)
     sizes = tensor_bytes(plan.model_dir, keys, partition.key_to_file)
-    rest = sum(sizes[k] for k in partition.rest_keys)  # read and serialised by one worker
-    base = psutil.Process().memory_info().rss
+    rest = sum(sizes[k] for k in partition.rest_keys)  # copied (and used to embed) by one worker
+    base = psutil.Process().memory_info().rss  # a worker imports the same libraries
+    import orchestrator.plots  # noqa: F401  the driver's one more library (matplotlib), counted in its base
+    driver_base = psutil.Process().memory_info().rss
     calibrated = plan.calibration is not None
     tokens = int(plan.calibration.input_ids.numel()) if calibrated else 0
     batch_tokens = cfg.data.calibration.batch_size * cfg.data.calibration.seq_len
@@ -169,15 +169,16 @@ def forecast(plan) -> Forecast:
     shards = [shard_forecast(s, sizes, base, calibrated, tokens, batch_tokens, hidden) for s in partition.shards]
     activation = tokens * hidden * FLOAT32
     workers = min(cfg.cluster.workers, len(shards))
+    in_flight = 2 if cfg.partition.calibration == "sequential" else workers + 1
     gflops = matmul_gflops()
     threads = max(1, int(cfg.cluster.cpus_per_worker))
     compute = sum(s.gflop for s in shards) / (gflops * threads * workers)
     return Forecast(
         base_bytes=base,
-        driver_bytes=base + (plan.calibration.input_ids.numel() * 8 if calibrated else 0),
-        worker_bytes=max(s.peak_bytes for s in shards) + 2 * rest,
-        object_store_bytes=(workers + 2) * activation if calibrated else 0,
-        activation_traffic_bytes=(len(shards) + 1) * activation if calibrated else 0,
+        driver_bytes=driver_base + RAY_DRIVER_BYTES + tokens * 8,  # the int64 calibration ids
+        worker_bytes=max(*(s.peak_bytes for s in shards), base + rest + activation),
+        object_store_bytes=in_flight * activation,
+        activation_traffic_bytes=(len(shards) + 1) * activation,
         shards=shards,
         seconds=compute + 10.0,  # + starting Ray and the workers
         gflops=gflops,

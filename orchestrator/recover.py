@@ -12,6 +12,10 @@ straight through (STE). Teacher: the dense model, frozen. Loss: KL(p_teacher || 
 next-token distributions, mean per token, plus `hidden_mse` x the MSE of the last hidden states.
 Afterwards every trained weight is put back on its grid, mask applied: what is exported is exactly
 what the student computed with.
+
+Ray Train checkpoints hold DeepSpeed's own checkpoint (torch.save files). They are read back with
+torch.load(weights_only=True): tensors, containers and the three small records DeepSpeed stores
+(weights_only_checkpoint_engine). A file holding anything else (a planted pickle) is refused, never run.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -147,6 +152,30 @@ def deepspeed_config(cfg: RecoverConfig, world: int) -> dict:
             "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9}
 
 
+def weights_only_checkpoint_engine(ds_config):
+    """DeepSpeed's torch.save checkpoint engine, its files read with torch.load(weights_only=True)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # Besides tensors and containers, DeepSpeed 0.19's ZeRO 1/2/3 checkpoints hold these plain records (an
+    # IntEnum, the loss scale, a parameter's place in its flat partition), rebuilt without running any code.
+    allowed = [ZeroStageEnum, LossScaler, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                why = next((line for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+                raise RunFailed(f"recover: refused to load checkpoint file {path}: it is not a plain DeepSpeed "
+                                f"checkpoint (torch.load with weights_only=True: {why.strip()})") from None
+
+    return WeightsOnlyCheckpointEngine(ds_config)
+
+
 def train_loop(config: dict) -> None:
     """One Ray Train worker: DeepSpeed ZeRO on the student, the teacher frozen beside it."""
     import deepspeed
@@ -176,17 +205,21 @@ def train_loop(config: dict) -> None:
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, world),
                                       dist_init_required=False)
-    nodes = [None] * world  # where each rank runs, for the report
-    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    if rank == 0:
-        Path(config["nodes"]).write_text(json.dumps(nodes))
-    ids = config["input_ids"]  # [num_samples, seq_len]
-    start = 0
+    engine.checkpoint_engine = weights_only_checkpoint_engine(engine._config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group: continue from the last checkpoint
         with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
-            start = json.loads((Path(folder) / "progress.json").read_text())["step"]
+            loaded, _ = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        if loaded is None:
+            raise RunFailed(f"recover: no DeepSpeed checkpoint in {folder}")
+    start = engine.global_steps  # optimizer steps taken: 0, or the restored checkpoint's
+    nodes = [None] * world  # where each rank runs, for the report
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if rank == 0:  # one line per worker group that starts training
+        with open(config["groups"], "a") as f:
+            f.write(json.dumps({"start_step": start, "zero_stage": int(engine.zero_optimization_stage()),
+                                "nodes": nodes}) + "\n")
+    ids = config["input_ids"]  # [num_samples, seq_len]
     hidden = cfg.hidden_mse > 0
     for step in range(start, cfg.steps):
         first = (step * world + rank) * cfg.batch_size  # each rank its own rows, the same for every run
@@ -205,7 +238,6 @@ def train_loop(config: dict) -> None:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             with tempfile.TemporaryDirectory() as folder:
                 engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
-                (Path(folder) / "progress.json").write_text(json.dumps({"step": step + 1}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
@@ -231,7 +263,8 @@ def write_recovered(engine, layers: list[TrainedLayer], out: str, rank: int, zer
 def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[str, torch.Tensor],
           layers: list[TrainedLayer], input_ids: torch.Tensor, work_dir: Path, seed: int) -> dict:
     """Run the distillation on Ray Train; -> {"tensors": the recovered weights, "losses": per step, "seconds",
-    "nodes": each rank's Ray node id}."""
+    "nodes": each rank's Ray node id, "zero_stage": the ZeRO stage the engine ran, "start_steps": the step each
+    worker group started training at ([0], or [0, 4] when a restarted group resumed from step 4's checkpoint)}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -248,14 +281,15 @@ def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[s
         train_loop_config={"recover": asdict(cfg), "layers": [asdict(l) for l in layers], "teacher": str(teacher),
                            "student": str(student), "grids": str(grids), "input_ids": input_ids,
                            "out": str(out), "losses": str(work_dir / "losses.jsonl"),
-                           "nodes": str(work_dir / "nodes.json"), "seed": seed},
+                           "groups": str(work_dir / "groups.jsonl"), "seed": seed},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name="recover", storage_path=str(work_dir / "ray-train"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    (work_dir / "losses.jsonl").unlink(missing_ok=True)
+    for name in ("losses.jsonl", "groups.jsonl"):
+        (work_dir / name).unlink(missing_ok=True)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray Train gave up after max_failures worker-group restarts
@@ -264,5 +298,7 @@ def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[s
         raise RunFailed(f"recover: training failed ({result.error})")
     by_step = {m["step"]: m["loss"] for m in map(json.loads, (work_dir / "losses.jsonl").read_text().splitlines())}
     losses = [by_step[step] for step in sorted(by_step)]
+    groups = [json.loads(line) for line in (work_dir / "groups.jsonl").read_text().splitlines()]
     return {"tensors": load_file(out), "losses": losses, "seconds": round(time.perf_counter() - started, 3),
-            "nodes": json.loads((work_dir / "nodes.json").read_text())}
+            "nodes": groups[-1]["nodes"], "zero_stage": groups[-1]["zero_stage"],
+            "start_steps": [g["start_step"] for g in groups]}

@@ -53,8 +53,7 @@ def build(plan, shards: list[dict], quality: dict, speed: dict | None, phases: d
         "timing": {"total_s": None, "phases": phases},
         "cost": cost(plan, shards, phases),
         "plan": plan.forecast.summary() if plan.forecast else None,
-        "memory": {"driver_peak_rss_bytes": driver_peak_rss,
-                   "worker_peak_rss_bytes": max((s["worker"].get("peak_rss_bytes", 0) for s in shards), default=0)},
+        "memory": memory(plan, shards, driver_peak_rss),
         "cluster": {
             "address": recipe.config.cluster.address or "local",
             "workers": recipe.config.cluster.workers,
@@ -64,6 +63,14 @@ def build(plan, shards: list[dict], quality: dict, speed: dict | None, phases: d
         "shards": shards,
         "mlflow": None,
     }
+
+
+def memory(plan, shards: list[dict], driver_peak_rss: int) -> dict:
+    """Measured peaks: the driver's whole process (its high-water mark, libraries included) and, apart,
+    its growth over the process base the planner measured (the libraries imported); each worker's."""
+    return {"driver_peak_rss_bytes": driver_peak_rss,
+            "driver_growth_bytes": driver_peak_rss - plan.forecast.base_bytes,
+            "worker_peak_rss_bytes": max((s["worker"].get("peak_rss_bytes", 0) for s in shards), default=0)}
 
 
 def dense_bits(model_dir: Path) -> int:

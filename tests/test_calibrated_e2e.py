@@ -68,6 +68,8 @@ def test_calibrated_output_bytes_do_not_depend_on_worker_count(tmp_path, micro_l
 
     one = run("sparsegpt-2of4-w4g128", tmp_path / "one", micro_lm, "cluster.workers=1")
     two = run("sparsegpt-2of4-w4g128", tmp_path / "two", micro_lm, "cluster.workers=2")
+    pids = lambda report: {s["worker"]["pid"] for s in report["shards"]}  # the process that compressed each shard
+    assert len(pids(two)) == 2 and len(pids(one)) == 1  # the 2-worker run really used 2 actors
     files = sorted(p.name for p in (two["dir"] / "model").glob("*.safetensors"))
     assert len(files) == 3
     for name in files:

@@ -92,9 +92,13 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def events(out: Path, name: str, kind: str) -> list[dict]:
+    lines = (out / name / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
 def commits(out: Path, name: str) -> list[str]:
-    events = (out / name / "events.jsonl").read_text().splitlines()
-    return [e["shard"] for e in map(json.loads, events) if e["event"] == "commit"]
+    return [e["shard"] for e in events(out, name, "commit")]
 
 
 def test_sigkill_of_a_worker_mid_shard_changes_no_byte(chaos_model, fault_free, cluster, tmp_path):
@@ -121,6 +125,11 @@ def test_removing_a_node_with_shards_in_flight_commits_each_shard_once(chaos_mod
     assert hashes(tmp_path / "lost-node") == fault_free
     committed = commits(tmp_path, "lost-node")
     assert sorted(committed) == ["00000", "00001", "00002", "00003", "rest"]  # each exactly once
+    report = json.loads((tmp_path / "lost-node" / "report.json").read_text())
+    assert report["store"]["retries"] >= 1  # the removal did hit a shard in flight
+    failed = {e["shard"] for e in events(tmp_path, "lost-node", "failure")}
+    final_node = {s["index"]: s["worker"]["node"] for s in report["shards"]}
+    assert failed and all(final_node[k] != doomed.node_id for k in failed), (failed, final_node)  # re-run elsewhere
 
 
 def test_a_worker_that_always_dies_fails_the_run_fast_naming_the_shard(chaos_model, cluster, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, run_cli
+from test_chaos import hashes
 from test_ui import free_port
 
 pytestmark = pytest.mark.slow
@@ -146,3 +147,6 @@ def test_a_stopped_job_keeps_its_shards_and_resumes_when_resubmitted(ray_head, c
     report = json.loads((tmp / "resume" / "job" / "report.json").read_text())
     assert report["store"]["shards_reused"] >= len(kept)
     assert report["store"]["shards_reused"] + report["store"]["shards_computed"] == 4
+    whole = run_cli("run", *args, "output.name=whole", "--quiet", cwd=tmp)  # the same recipe, uninterrupted
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert hashes(tmp / "resume" / "job") == hashes(tmp / "resume" / "whole")

@@ -85,8 +85,14 @@ def test_export_loads_in_a_fresh_process_with_the_evaluated_logits(runs):
     assert dense_gap > 1e-3  # and it really is the compressed model, not the dense one
 
 
+def worker_pids(run_dir) -> set[int]:
+    """The processes that compressed the run's shards (each shard record names its worker's pid)."""
+    return {s["worker"]["pid"] for s in json.loads((run_dir / "report.json").read_text())["shards"]}
+
+
 def test_one_and_two_workers_give_identical_bytes(runs):
     _, _, out = runs
+    assert len(worker_pids(out[2][0])) == 2 and len(worker_pids(out[1][0])) == 1  # really 2 actors, and 1
     files = sorted(p.name for p in (out[2][0] / "model").glob("*.safetensors"))
     assert len(files) == 3  # embeddings/head + 2 shards
     for name in files:

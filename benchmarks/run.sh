@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Rerun the measurements behind benchmarks/RESULTS.md and the figures in README.md.
+#
+#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9
+#
+# Each section writes its tables (markdown) with their JSON beside them (the
+# numbers, commit, uncommitted files, machine, command line, load average) into
+# benchmarks/results/; RESULTS.md says which file each of its tables comes from.
+# Sections run one after another (never two at once: they would time each
+# other); one that fails does not stop the rest, and the exit status says so.
+#
+#   1 reference model, RTN W8 / W4       reference_model.py
+#   2 every method, parallel/sequential  quality_matrix.py
+#   3 against llm-compressor             compare_llmcompressor.py (tiny-lm parallel, sequential; 116M timing model)
+#   4 size on disk of the export         export_sizes.py
+#   5 orchestrator compare; MiniLM       effectiveness.py
+#   6 memory: 3.26 GB model, planner     memory.py (runs compare_llmcompressor.py on the 3.26 GB model)
+#   7 GPU workers (needs CUDA)           gpu.py
+#   8 faults injected, bad input         faults.py (pytest -m chaos, tests/test_bad_input.py)
+#   9 recovery by distillation           recovery.py
+#
+# --smoke: every script end to end on the micro reference model with a few
+# short windows (and a tiny random Llama where a section builds one), into
+# benchmarks/.work/smoke/results: a check that the scripts work, not results.
+# Sections 3 and 6 need the peer's venv (benchmarks/.peer-venv); it is built
+# here (benchmarks/setup_peer.sh, from PyPI) when missing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py=.venv/bin/python
+smoke=()
+results=benchmarks/results
+work=benchmarks/.work
+sections=()
+for arg in "$@"; do
+  case $arg in
+    --smoke) smoke=(--smoke); results=benchmarks/.work/smoke/results; work=benchmarks/.work/smoke ;;
+    [1-9]) sections+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-9)" >&2; exit 2 ;;
+  esac
+done
+[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9)
+[ -x "$py" ] || { echo "error: $py not found: run scripts/setup.sh first" >&2; exit 2; }
+mkdir -p "$results" "$work/logs"
+exec 9>benchmarks/.work/run.lock
+flock -n 9 || { echo "error: another benchmarks/run.sh is running (benchmarks/.work/run.lock)" >&2; exit 2; }
+
+peer() { [ -x benchmarks/.peer-venv/bin/python ] || bash benchmarks/setup_peer.sh; }
+bench() {  # bench SCRIPT SECTION-NAME [ARGS ...]: the script with --results, --work and --smoke
+  local script=$1 name=$2
+  shift 2
+  "$py" "benchmarks/$script" --results "$results" --work "$work/$name" "${smoke[@]}" "$@"
+}
+compare() {  # compare WORK-NAME OUT-NAME [ARGS ...]
+  local name=$1 out=$2
+  shift 2
+  "$py" benchmarks/compare_llmcompressor.py --work "$work/$name" --out "$results/$out.md" "${smoke[@]}" "$@"
+}
+
+section() {
+  local only=()
+  case $1 in
+    1) bench reference_model.py 1-reference ;;
+    2) [ ${#smoke[@]} -eq 0 ] || only=(--only gptq-w4g128)
+       bench quality_matrix.py 2-quality "${only[@]}" ;;
+    3) peer && compare tiny-lm 3-tiny-lm \
+         && compare tiny-lm-sequential 3-tiny-lm-sequential --ours-calibration sequential \
+         && compare timing 3-timing-model --timing-model ;;
+    4) [ ${#smoke[@]} -eq 0 ] || only=(--only rtn-w4g128)
+       bench export_sizes.py 4-export-sizes "${only[@]}" ;;
+    5) bench effectiveness.py 5-effectiveness ;;
+    6) peer && bench memory.py 6-memory ;;
+    7) bench gpu.py 7-gpu ;;
+    8) bench faults.py 8-faults ;;
+    9) bench recovery.py 9-recovery ;;
+  esac
+}
+
+failed=()
+for s in "${sections[@]}"; do
+  echo "=== section $s ($(date +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+  start=$SECONDS
+  if section "$s" 2>&1 | tee "$work/logs/section-$s.log"; then
+    echo "=== section $s done in $((SECONDS - start)) s" >&2
+  else
+    echo "=== section $s FAILED after $((SECONDS - start)) s (log: $work/logs/section-$s.log)" >&2
+    failed+=("$s")
+  fi
+done
+echo "results in $results" >&2
+[ ${#failed[@]} -eq 0 ] || { echo "failed sections: ${failed[*]}" >&2; exit 1; }
