@@ -42,6 +42,15 @@ SMOKE_OVERRIDES = ["data.calibration.num_samples=16", "data.calibration.seq_len=
                    "data.eval.max_windows=4", "data.eval.sentences=32", "data.eval.speed=false"]
 
 
+def recipes_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options of a script that runs a list of recipes on a model: --model, --only, and add_args'."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="reference:tiny-lm")
+    parser.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
+    add_args(parser, name)
+    return parser
+
+
 def add_args(parser: argparse.ArgumentParser, name: str) -> None:
     """--results DIR, --work DIR and --smoke, the same in every script."""
     parser.add_argument("--results", type=Path, default=RESULTS,

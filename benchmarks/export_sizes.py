@@ -11,9 +11,8 @@ and the perplexity the run measured. Writes results/4-export-sizes.md and its .j
 
 from __future__ import annotations
 
-import argparse
 
-from common import SMOKE_MODEL, SMOKE_OVERRIDES, Bench, add_args, brief, run_recipe, table
+from common import SMOKE_MODEL, SMOKE_OVERRIDES, Bench, recipes_parser, brief, run_recipe, table
 
 CASES = [  # (label, recipe)
     ("W8 per channel", "rtn-w8"),
@@ -25,11 +24,7 @@ CASES = [  # (label, recipe)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="reference:tiny-lm")
-    p.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
-    add_args(p, "4-export-sizes")
-    args = p.parse_args()
+    args = recipes_parser(__doc__, "4-export-sizes").parse_args()
     model = SMOKE_MODEL if args.smoke else args.model
     base = [f"model.path={model}", *(SMOKE_OVERRIDES if args.smoke else [])]
     with Bench() as bench:

@@ -9,9 +9,8 @@ Writes results/2-quality.md and its .json.
 
 from __future__ import annotations
 
-import argparse
 
-from common import SMOKE_MODEL, SMOKE_OVERRIDES, Bench, add_args, brief, run_recipe, table
+from common import SMOKE_MODEL, SMOKE_OVERRIDES, Bench, recipes_parser, brief, run_recipe, table
 
 CASES = [  # (recipe, overrides)
     ("rtn-w8", []),
@@ -34,11 +33,7 @@ CASES = [  # (recipe, overrides)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="reference:tiny-lm")
-    p.add_argument("--only", nargs="*", help="recipe names to run (default: all cases)")
-    add_args(p, "2-quality")
-    args = p.parse_args()
+    args = recipes_parser(__doc__, "2-quality").parse_args()
     model = SMOKE_MODEL if args.smoke else args.model
     base = [f"model.path={model}", "cluster.workers=2", *(SMOKE_OVERRIDES if args.smoke else [])]
     header = ["recipe", "calibration", "dense ppl", "compressed ppl", "ppl increase", "mean layer rel. error",

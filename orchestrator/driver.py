@@ -36,7 +36,7 @@ from orchestrator.data import Calibration, calibration_windows
 from orchestrator.errors import RunFailed, UserError
 from orchestrator.export import QuantizedLayer, Scheme, finish_export, linear_modules
 from orchestrator.partition import CAUSAL_LM, Partition, Shard, load_config, partition_model, skeleton
-from orchestrator.planner import Forecast, PeakRss, check_fits, forecast
+from orchestrator.planner import Forecast, check_fits, forecast, peak_rss
 from orchestrator.recipe import CalibrationDataConfig, Recipe, Stage, as_dict
 from orchestrator.store import Fingerprint, RunLock, ShardStore, model_fingerprint, recipe_fingerprint
 from orchestrator.worker import CompressionWorker, ShardFiles, ShardResult
@@ -617,7 +617,6 @@ def run(plan: Plan, progress: bool = True) -> dict:
     from orchestrator import plots, report, tracking
 
     recipe, timer, started = plan.recipe, Timer(), time.time()
-    driver_memory = PeakRss().start()
     timer.add("plan", plan.seconds)
     t0 = time.perf_counter() - plan.seconds
     partial = plan.store.folder
@@ -658,7 +657,7 @@ def run(plan: Plan, progress: bool = True) -> dict:
         if owns_ray:
             ray.shutdown()
     data = report.build(plan, compressed.shards, quality, speed, timer.phases, started, partial / "model", sizes,
-                        driver_memory.stop())
+                        peak_rss())
     data["store"] = {"shards_reused": compressed.reused, "shards_computed": compressed.computed,
                      "retries": len(plan.store.events("failure"))}
     if recovery:

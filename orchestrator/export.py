@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 from compressed_tensors import __version__ as ct_version
+from safetensors.torch import save_file
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import (
@@ -193,8 +194,6 @@ def one_block_slice(model_dir: Path, dest: Path, keep, trust_remote_code: bool) 
     weight_map = json.loads((model_dir / INDEX_NAME).read_text())["weight_map"]
     keys = [k for k in weight_map if keep(k)]
     write_index(dest, {k: "model.safetensors" for k in keys}, 0)
-    from safetensors.torch import save_file
-
     save_file(read_keys(model_dir, keys, weight_map), str(dest / "model.safetensors"), metadata={"format": "pt"})
 
 

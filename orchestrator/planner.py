@@ -82,17 +82,6 @@ def peak_rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
-class PeakRss:
-    """driver.run's handle on peak_rss(): stop() returns it (start() has nothing to do; the kernel keeps
-    the mark from the process's start)."""
-
-    def start(self) -> "PeakRss":
-        return self
-
-    def stop(self) -> int:
-        return peak_rss()
-
-
 def tensor_bytes(model_dir, keys: list[str], key_to_file: dict[str, str]) -> dict[str, int]:
     """Bytes of each named tensor, from the safetensors headers (no data read)."""
     sizes, by_file = {}, {}
