@@ -5,7 +5,8 @@
 #
 # Each section writes its tables (markdown) with their JSON beside them (the
 # numbers, commit, uncommitted files, machine, command line, load average) into
-# benchmarks/results/; RESULTS.md says which file each of its tables comes from.
+# benchmarks/results/; at the end benchmarks/render.py copies them into the
+# marked blocks of RESULTS.md and README.md.
 # Sections run one after another (never two at once: they would time each
 # other); one that fails does not stop the rest, and the exit status says so.
 #
@@ -87,4 +88,6 @@ for s in "${sections[@]}"; do
   fi
 done
 echo "results in $results" >&2
+# the tables into README.md and RESULTS.md (their marked blocks; tests/test_docs.py checks they match)
+[ ${#smoke[@]} -gt 0 ] || "$py" benchmarks/render.py || failed+=(render)
 [ ${#failed[@]} -eq 0 ] || { echo "failed sections: ${failed[*]}" >&2; exit 1; }

@@ -13,6 +13,19 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Each pytest process gets a Ray temp root of its own, so that a
+# Ray started by one (a `ray start --head`, a ray.cluster_utils.Cluster, which writes ray_current_cluster
+# there whatever its temp_dir) is never joined by the other, nor by a user's Ray on the machine. Short: Ray's
+# socket paths must fit in 107 characters.
+os.environ["RAY_TMPDIR"] = f"/tmp/ray-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}"
+os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
@@ -58,7 +71,7 @@ def shared_ray():
     """One local Ray for a module's in-process runs (each `orchestrator run` joins it)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

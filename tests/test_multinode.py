@@ -38,7 +38,7 @@ def test_shards_spread_over_nodes_with_the_bytes_of_one_node(micro_lm, tmp_path)
         cluster.shutdown()
     nodes = {s["worker"]["node"] for s in spread["shards"]}
     assert len(nodes) >= 2, nodes  # micro-lm has 2 shards: each on its own node
-    ray.init(num_cpus=2, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")
     try:
         single = run(micro_lm, tmp_path, "one-node", "cluster.workers=1")
     finally:
@@ -48,7 +48,7 @@ def test_shards_spread_over_nodes_with_the_bytes_of_one_node(micro_lm, tmp_path)
 
 
 def test_workers_given_a_gpu_fall_back_to_the_cpu_with_a_warning(micro_lm, tmp_path, capfd):
-    ray.init(num_cpus=4, num_gpus=1, logging_level="WARNING")  # a declared GPU on a machine without CUDA
+    ray.init(address="local", num_cpus=4, num_gpus=1, logging_level="WARNING")  # a declared GPU on a machine without CUDA
     try:
         report = run(micro_lm, tmp_path, "gpu", "cluster.workers=2")  # gpus_per_worker: auto
     finally:
@@ -73,7 +73,7 @@ def test_recovery_workers_on_two_nodes_give_the_bytes_of_one_node(micro_lm, tmp_
     finally:
         ray.shutdown()
         cluster.shutdown()
-    ray.init(num_cpus=3, include_dashboard=True, logging_level="WARNING")
+    ray.init(address="local", num_cpus=3, include_dashboard=True, logging_level="WARNING")
     try:
         assert main([*args, "output.name=one-node"]) == 0
     finally:

@@ -134,8 +134,16 @@ def wait_for_steps(losses, steps: int) -> None:
         time.sleep(0.1)
 
 
-def kill_a_training_worker() -> None:
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+def kill_a_training_worker(run: subprocess.Popen) -> None:
+    """SIGKILL one Ray Train worker of this run (its embedded Ray's processes descend from the driver; another
+    test process may be training too)."""
+    def is_train_worker(p: psutil.Process) -> bool:
+        try:
+            return "RayTrainWorker" in " ".join(p.cmdline())
+        except psutil.Error:
+            return False
+
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if is_train_worker(p)]
     assert workers, "no Ray Train worker found"
     workers[0].kill()
 
@@ -147,7 +155,7 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint_with_the_same_byte
             "recover.checkpoint_every=4", "data.eval.enabled=false"]
     proc = start_run([*args, "output.name=killed"], tmp_path)
     wait_for_steps(tmp_path / ".killed.partial" / "recovered" / "work" / "losses.jsonl", 6)
-    kill_a_training_worker()  # past the checkpoint at step 4, before the end
+    kill_a_training_worker(proc)  # past the checkpoint at step 4, before the end
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "Error count: 1" in out  # Ray Train saw the worker die and restarted the group
@@ -187,7 +195,7 @@ def test_a_pickle_planted_in_the_training_checkpoint_is_refused_not_run(micro_lm
     marker = tmp_path / "planted-pickle-ran"
     for path in files:  # every file DeepSpeed reads when the worker group restarts
         torch.save(PlantedPickle(marker), path)
-    kill_a_training_worker()  # the restarted group reads the checkpoint
+    kill_a_training_worker(proc)  # the restarted group reads the checkpoint
     out, _ = proc.communicate(timeout=600)
     assert not marker.exists()  # the pickle's command never ran
     assert proc.returncode == 1, out[-3000:]
