@@ -13,11 +13,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Each pytest process gets a Ray temp root of its own, so that a
-# Ray started by one (a `ray start --head`, a ray.cluster_utils.Cluster, which writes ray_current_cluster
-# there whatever its temp_dir) is never joined by the other, nor by a user's Ray on the machine. Short: Ray's
-# socket paths must fit in 107 characters.
-os.environ["RAY_TMPDIR"] = f"/tmp/ray-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}"
+# A Ray temp root of the test process's own: a Ray the tests start (a `ray start --head`, a
+# ray.cluster_utils.Cluster, which writes ray_current_cluster there whatever its temp_dir) is never joined
+# by another test process or by a user's Ray on the machine. Short: Ray's socket paths must fit in 107 bytes.
+os.environ["RAY_TMPDIR"] = f"/tmp/ray-tests-{os.getpid()}"
 os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 

@@ -27,7 +27,7 @@ def test_every_included_table_has_its_provenance():
         assert len(prov["commit"]) == 40 and prov["command"] and prov["machine"]["cpus"], name
 
 
-def test_a_figure_typed_into_a_doc_is_caught(tmp_path):
+def test_a_figure_typed_into_a_doc_is_caught():
     doc = "<!-- results/1-reference.md table -->\n| model | perplexity |\n|---|---|\n| dense | 1.0 |\n<!-- /results -->\n"
     assert render.render(doc) != doc  # the hand-typed table is replaced by the measured one
     assert render.render(render.render(doc)) == render.render(doc)

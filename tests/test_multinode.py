@@ -48,7 +48,7 @@ def test_shards_spread_over_nodes_with_the_bytes_of_one_node(micro_lm, tmp_path)
 
 
 def test_workers_given_a_gpu_fall_back_to_the_cpu_with_a_warning(micro_lm, tmp_path, capfd):
-    ray.init(address="local", num_cpus=4, num_gpus=1, logging_level="WARNING")  # a declared GPU on a machine without CUDA
+    ray.init(address="local", num_cpus=4, num_gpus=1, logging_level="WARNING")  # a declared GPU, no CUDA
     try:
         report = run(micro_lm, tmp_path, "gpu", "cluster.workers=2")  # gpus_per_worker: auto
     finally:
