@@ -1,17 +1,22 @@
-"""Shared fixtures: a session cache with the micro reference model, and a CLI runner."""
+"""Shared fixtures: a session cache with the micro reference model, a module's local Ray, a real Ray head.
+Helpers (the CLI runner, ports, hashes) live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py
+from tests.helpers import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
 
 # A Ray temp root of the test process's own: a Ray the tests start (a `ray start --head`, a
 # ray.cluster_utils.Cluster, which writes ray_current_cluster there whatever its temp_dir) is never joined
@@ -70,13 +75,6 @@ def chaos_model(tmp_path_factory, micro_lm) -> Path:
     return dest
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`orchestrator ARGS` in a fresh process, as a user would type it."""
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def shared_ray():
     """One local Ray for a module's in-process runs (each `orchestrator run` joins it)."""
@@ -87,13 +85,45 @@ def shared_ray():
     ray.shutdown()
 
 
-def load_export(folder, encoder: bool = False):
-    """A run's exported model as transformers loads it, its packed weights unpacked
-    (compressed-tensors decompresses on the first forward pass)."""
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    model = (AutoModel if encoder else AutoModelForCausalLM).from_pretrained(folder).eval()
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
-    return model
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head with its own temp dir and ports; token auth disabled for this test only."""
+    tmp = tmp_path_factory.mktemp("head")
+    dashboard = free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    gcs_port = free_port()
+    # free ports everywhere, not Ray's fixed defaults, which a stray process from an earlier run may hold
+    ports = [f"--port={gcs_port}"] + [f"--{name}={free_port()}" for name in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    start = [RAY, "start", "--head", *ports, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             "--num-cpus=4", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=true", "--disable-usage-stats"]
+    proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    try:
+        yield address, tmp, env
+    finally:  # only this head's processes (their command lines name its temp dir) and their children (agents
+        # retitle themselves, e.g. ray::DashboardAgent); `ray stop` would end every Ray on the machine
+        marks = (str(tmp / "ray"), f":{gcs_port}")  # the temp dir, or the GCS address (ray client server)
+        ours = {p for p in psutil.process_iter(["cmdline"])
+                if any(m in " ".join(p.info["cmdline"] or []) for m in marks)}
+        for p in list(ours):
+            try:
+                ours.update(p.children(recursive=True))
+            except psutil.Error:
+                pass
+        for p in ours:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(ours), timeout=30)

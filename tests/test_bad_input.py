@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from tests.helpers import REPO
 from orchestrator.cli import main
 
 GPTQ = str(REPO / "recipes" / "gptq-w4g128.yaml")
@@ -36,7 +36,7 @@ def workspace(tmp_path_factory, micro_lm) -> Path:
     }.items():
         shutil.copytree(micro_lm, ws / name)
         breakage(ws / name)
-    from models import save_random_model
+    from tests.models import save_random_model
 
     save_random_model("gpt2", ws / "gpt2")
     save_random_model("bert", ws / "bert")

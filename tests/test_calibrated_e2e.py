@@ -8,7 +8,7 @@ import torch
 
 from orchestrator.cli import main
 from orchestrator.recipe import load_recipe
-from conftest import REPO, load_export
+from tests.helpers import REPO, load_export
 
 pytestmark = pytest.mark.slow
 

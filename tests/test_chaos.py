@@ -20,20 +20,11 @@ from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from conftest import REPO, run_cli
-from orchestrator.checkpoint import file_sha256
-from test_ui import free_port, ui_server
+from tests.helpers import REPO, free_port, hashes, run_cli, ui_server
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 RECIPE = str(REPO / "recipes" / "gptq-w4g128.yaml")
 QUIET = ["data.eval.enabled=false", "tracking.enabled=false", "--quiet"]
-
-
-def hashes(run_dir: Path) -> dict[str, str]:
-    """The exported weights, their index and config (recipe.yaml and the manifest name the run, so differ)."""
-    files = [*sorted((run_dir / "model").glob("*.safetensors")), run_dir / "model" / "model.safetensors.index.json",
-             run_dir / "model" / "config.json"]
-    return {p.name: file_sha256(p) for p in files}
 
 
 @pytest.fixture(scope="module")

@@ -1,67 +1,16 @@
 """Compression as a Ray job on a real Ray head (`ray start --head`), through the Jobs API."""
 
 import json
-import os
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_cli
-from test_chaos import hashes
-from test_ui import free_port
+from tests.helpers import REPO, hashes, run_cli
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A Ray head with its own temp dir and ports; token auth disabled for this test only."""
-    tmp = tmp_path_factory.mktemp("head")
-    dashboard = free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    gcs_port = free_port()
-    # free ports everywhere, not Ray's fixed defaults, which a stray process from an earlier run may hold
-    ports = [f"--port={gcs_port}"] + [f"--{name}={free_port()}" for name in (
-        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
-    start = [RAY, "start", "--head", *ports, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             "--num-cpus=4", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=true", "--disable-usage-stats"]
-    proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    try:
-        yield address, tmp, env
-    finally:  # only this head's processes (their command lines name its temp dir) and their children (agents
-        # retitle themselves, e.g. ray::DashboardAgent); `ray stop` would end every Ray on the machine
-        marks = (str(tmp / "ray"), f":{gcs_port}")  # the temp dir, or the GCS address (ray client server)
-        ours = {p for p in psutil.process_iter(["cmdline"])
-                if any(m in " ".join(p.info["cmdline"] or []) for m in marks)}
-        for p in list(ours):
-            try:
-                ours.update(p.children(recursive=True))
-            except psutil.Error:
-                pass
-        for p in ours:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(list(ours), timeout=30)
 
 
 def wait_for(address, job_id, env, cwd, wanted, timeout=600) -> str:

@@ -9,7 +9,7 @@ import torch
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from conftest import REPO
+from tests.helpers import REPO
 from orchestrator.driver import gpus_per_worker
 from orchestrator.recipe import load_recipe
 from orchestrator.worker import compute_device

@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import run_cli
+from tests.helpers import run_cli
 
 from orchestrator.checkpoint import file_sha256
 

@@ -11,8 +11,8 @@ import torch
 import yaml
 from transformers import AutoModel, AutoModelForCausalLM
 
-from conftest import REPO, load_export
-from models import save_random_model
+from tests.helpers import REPO, load_export
+from tests.models import save_random_model
 from orchestrator.checkpoint import file_sha256
 from orchestrator.cli import main
 from orchestrator.export import MANIFEST, Scheme, pack_layer

@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 from orchestrator.cli import main
 from orchestrator.recipe import load_recipe
 

@@ -6,7 +6,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from conftest import REPO
+from tests.helpers import REPO
 from orchestrator.checkpoint import file_sha256
 from orchestrator.cli import main
 

@@ -1,7 +1,7 @@
 """The partitioner finds the transformer blocks of six architectures, from the files alone."""
 
 import pytest
-from models import CONFIGS, LAYERS, save_random_model
+from tests.models import CONFIGS, LAYERS, save_random_model
 
 from orchestrator.errors import UserError
 from orchestrator.partition import CAUSAL_LM, ENCODER, partition_model

@@ -11,7 +11,7 @@ import ray
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 RECIPE = str(REPO / "recipes" / "gptq-w4g128.yaml")
 

@@ -6,7 +6,7 @@ import yaml
 
 import pytest
 import ray
-from conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 from orchestrator.cli import main
 from orchestrator.recipe import build_recipe, load_recipe

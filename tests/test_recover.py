@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, load_export
+from tests.helpers import REPO, load_export
 from orchestrator.cli import main
 from orchestrator.checkpoint import file_sha256
 from orchestrator.recover import GridLinear, TrainedLayer

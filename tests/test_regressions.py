@@ -14,8 +14,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, load_export, run_cli
-from test_cluster import ray_head  # noqa: F401  (a real `ray start --head` beside the runs)
+from tests.helpers import REPO, load_export, run_cli
 
 QUIET = ["tracking.enabled=false", "--quiet"]
 

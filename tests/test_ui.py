@@ -1,12 +1,7 @@
 """`orchestrator ui` serves the MLflow UI on 127.0.0.1 over the run store."""
 
-import contextlib
 import json
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 
 from pathlib import Path
 
@@ -14,42 +9,15 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli, ui_server
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening_addresses(port: int) -> set[str]:
     """The local addresses (IPv4 and IPv6) that any process on this machine listens on at `port`."""
     return {c.laddr.ip for c in psutil.net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-
-
-@contextlib.contextmanager
-def ui_server(store: str, cwd: Path):
-    """`orchestrator ui` on a free port, answering /health; -> the port."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--uri", store, "--port", str(port)],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline, body = time.time() + 120, None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.5)
-        assert body == b"OK", proc.stdout.read1().decode() if proc.poll() is not None else "no answer"
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_ui_serves_the_store_on_localhost(tmp_path):
