@@ -8,7 +8,10 @@
   and the shard's tensors; no other part of the model is ever built.
 - `run_blocks` feeds hidden states through them, optionally accumulating the
   GPTQ Hessian H = 2/n sum x x^T of every Linear's input. Linears that read the
-  very same tensor (q/k/v, gate/up) share one H, computed once.
+  very same tensor (q/k/v, gate/up) share one H, computed once: the hooks see
+  which tensor each Linear reads, so the sharing is found at run time, whatever
+  the architecture. `expected_input_groups` predicts it from the layer names,
+  for the planner, which has no model to run.
 """
 
 from __future__ import annotations
@@ -104,6 +107,21 @@ def block_class_of(config: PretrainedConfig) -> type:
     with torch.device("meta"):
         model = _auto_class(config).from_config(config)
     return type(find_blocks(model)[1][0])
+
+
+# Layer names whose inputs are one tensor in the architectures we know (q/k/v or query/key/value; gate/up)
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv", "key": "qkv", "value": "qkv",
+                "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def expected_input_groups(layers: list[LinearLayer]) -> dict[tuple[str, str], list[LinearLayer]]:
+    """The groups of layers `run_blocks` will find reading one input (one H each), predicted from names:
+    (parent module, shared-input name) -> its layers."""
+    groups: dict[tuple[str, str], list[LinearLayer]] = {}
+    for layer in layers:
+        parent, leaf = layer.name.rsplit(".", 1)
+        groups.setdefault((parent, SHARED_INPUT.get(leaf, leaf)), []).append(layer)
+    return groups
 
 
 @dataclass

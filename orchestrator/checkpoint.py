@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from orchestrator.files import atomic_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,16 +38,11 @@ def shard_file_name(position: int, total: int) -> str:
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> int:
     """Same tensors -> same bytes: keys sorted, contiguous, fixed metadata. Returns tensor bytes.
 
-    Atomic: written beside the target, flushed, then renamed over it, so a reader (or a
-    retried shard writing the same file) never sees half a file.
+    Atomic (files.atomic_path): a reader, or a retried shard writing the same file, never sees half of it.
     """
     ordered = {k: tensors[k].contiguous() for k in sorted(tensors)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(ordered, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; a shared cluster folder must be readable
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(ordered, str(tmp), metadata={"format": "pt"})
     return sum(t.numel() * t.element_size() for t in ordered.values())
 
 
@@ -76,10 +72,3 @@ def file_sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

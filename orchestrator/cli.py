@@ -7,8 +7,13 @@ failure during the run.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+
+from orchestrator import defaults
+
+log = logging.getLogger("orchestrator")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,16 +25,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    setup_logging(args.verbose - args.quiet)
     from orchestrator.errors import UserError
 
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        log.error("interrupted")
         return 130
+
+
+class LevelPrefix(logging.Formatter):
+    """Messages as a user reads them: info plain, "warning: ..." and "error: ..." above; with --verbose,
+    the time and the module in front."""
+
+    def __init__(self, verbose: bool):
+        super().__init__("%(asctime)s %(name)s: %(message)s" if verbose else "%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def setup_logging(verbosity: int) -> None:
+    """One stderr handler for the package's loggers: -1 (--quiet) warnings and errors, 0 info, 1 (--verbose)
+    debug. Other libraries' loggers are left as they are."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LevelPrefix(verbose=verbosity > 0))
+    root = logging.getLogger("orchestrator")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO if verbosity == 0 else logging.WARNING)
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,88 +67,109 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)  # on every command's own parser: `run R --quiet`
+    common.add_argument("-v", "--verbose", action="count", default=0, help="debug messages, with times and modules")
+    common.add_argument("-q", "--quiet", action="count", default=0,
+                        help="warnings and errors only, no progress bars")
     p = Parser(prog="orchestrator", description="Compress Hugging Face models on Ray; measure; log to MLflow.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (add_run, add_reference, add_cluster_commands, add_plan, add_eval, add_compare, add_sync, add_ui):
+        add(sub, [common])
+    return p
 
-    r = sub.add_parser("run", help="compress a model as a recipe says")
+
+def add_run(sub, parents) -> None:
+    r = sub.add_parser("run", parents=parents, help="compress a model as a recipe says")
     r.add_argument("recipe", nargs="?", help="recipe YAML file (not needed with --resume)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. cluster.workers=4")
     r.add_argument("--overwrite", action="store_true",
                    help="replace a complete run folder of the same name, or discard an unfinished one's shards")
     r.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run (e.g. runs/NAME) with the "
                    "recipe it saved; a rerun of the same recipe and name resumes by itself")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
+
+def add_reference(sub, parents) -> None:
     ref = sub.add_parser("reference", help="the built-in reference models")
     ref_sub = ref.add_subparsers(dest="action", required=True, parser_class=Parser)
-    b = ref_sub.add_parser("build", help="train (or find cached) a reference model; prints its folder")
+    b = ref_sub.add_parser("build", parents=parents, help="train (or find cached) a reference model; prints its folder")
     b.add_argument("name", nargs="?", default="tiny-lm")
     b.set_defaults(func=cmd_reference_build)
-    ls = ref_sub.add_parser("list", help="list the reference models")
+    ls = ref_sub.add_parser("list", parents=parents, help="list the reference models")
     ls.set_defaults(func=cmd_reference_list)
 
-    sm = sub.add_parser("submit", help="run a recipe as a job on a Ray cluster (Ray Jobs API)")
+
+def add_cluster_commands(sub, parents) -> None:
+    sm = sub.add_parser("submit", parents=parents, help="run a recipe as a job on a Ray cluster (Ray Jobs API)")
     sm.add_argument("recipe", help="recipe YAML file")
     sm.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-    sm.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
-    sm.add_argument("--token", help="Ray auth token (default: $RAY_AUTH_TOKEN)")
     sm.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     sm.set_defaults(func=cmd_submit)
-
-    jb = sub.add_parser("jobs", help="a submitted job: status, logs or stop")
+    jb = sub.add_parser("jobs", parents=parents, help="a submitted job: status, logs or stop")
     jb.add_argument("action", choices=["status", "logs", "stop"])
     jb.add_argument("job_id")
-    jb.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
-    jb.add_argument("--token", help="Ray auth token (default: $RAY_AUTH_TOKEN)")
     jb.set_defaults(func=cmd_jobs)
+    for parser in (sm, jb):
+        parser.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+        parser.add_argument("--token", help="Ray auth token (default: $RAY_AUTH_TOKEN)")
 
-    pl = sub.add_parser("plan", help="what a run will need (shards, memory per process, time), without running it")
+
+def add_plan(sub, parents) -> None:
+    pl = sub.add_parser("plan", parents=parents,
+                        help="what a run will need (shards, memory per process, time), without running it")
     pl.add_argument("recipe", help="recipe YAML file")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     pl.set_defaults(func=cmd_plan)
 
-    e = sub.add_parser("eval", help="measure a model folder (dense or compressed), against a baseline if given")
+
+def add_eval(sub, parents) -> None:
+    e = sub.add_parser("eval", parents=parents,
+                       help="measure a model folder (dense or compressed), against a baseline if given")
     e.add_argument("model_dir", help="a Hugging Face model folder, e.g. RUN/model")
     e.add_argument("--baseline", help="the dense model folder: adds KL divergence / embedding fidelity, "
                                       "per-layer error and the compression ratio")
-    e.add_argument("--source", default="reference", help="held-out text: 'reference' or a .txt file (default: %(default)s)")
-    e.add_argument("--seq-len", type=int, default=128, help="tokens per window / sentence (default: %(default)s)")
-    e.add_argument("--max-windows", type=int, default=64, help="windows evaluated, 0 = all (default: %(default)s)")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--source", default=defaults.EVAL_SOURCE, help="held-out text: 'reference' or a .txt file (default: %(default)s)")
+    e.add_argument("--seq-len", type=int, default=defaults.EVAL_SEQ_LEN, help="tokens per window / sentence (default: %(default)s)")
+    e.add_argument("--max-windows", type=int, default=defaults.EVAL_MAX_WINDOWS, help="windows evaluated, 0 = all (default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=defaults.EVAL_BATCH_SIZE)
     e.add_argument("--no-speed", action="store_true", help="skip the latency / throughput measurement")
     e.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     e.add_argument("--out", help="write the report (JSON) here")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: %(default)s)")
-    e.add_argument("--experiment", default="orchestrator", help="MLflow experiment (default: %(default)s)")
+    e.add_argument("--tracking-uri", default=defaults.TRACKING_URI, help="MLflow store (default: %(default)s)")
+    e.add_argument("--experiment", default=defaults.EXPERIMENT, help="MLflow experiment (default: %(default)s)")
     e.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("compare", help="runs side by side: a table and a size-versus-quality Pareto plot")
+
+def add_compare(sub, parents) -> None:
+    c = sub.add_parser("compare", parents=parents, help="runs side by side: a table and a size-versus-quality Pareto plot")
     c.add_argument("runs", nargs="+", metavar="RUN", help="run folders (with report.json) or MLflow run ids")
-    c.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store for run ids (default: %(default)s)")
+    c.add_argument("--tracking-uri", default=defaults.TRACKING_URI, help="MLflow store for run ids (default: %(default)s)")
     c.add_argument("--out", default="compare", help="folder for compare.md and pareto.png (default: %(default)s)")
     c.set_defaults(func=cmd_compare)
 
-    sy = sub.add_parser("sync", help="log a run to MLflow that could not be logged when it ran")
+
+def add_sync(sub, parents) -> None:
+    sy = sub.add_parser("sync", parents=parents, help="log a run to MLflow that could not be logged when it ran")
     sy.add_argument("run_dir", help="the run folder (holding mlflow-pending.json)")
     sy.add_argument("--tracking-uri", help="MLflow to log to (default: the recipe's tracking.uri)")
     sy.set_defaults(func=cmd_sync)
 
-    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the run store")
-    ui.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow backend store (default: %(default)s)")
+
+def add_ui(sub, parents) -> None:
+    ui = sub.add_parser("ui", parents=parents, help="start the MLflow UI on 127.0.0.1 over the run store")
+    ui.add_argument("--uri", default=defaults.TRACKING_URI, help="MLflow backend store (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
-    return p
 
 
 def cmd_run(args) -> int:
     from pathlib import Path
 
-    from orchestrator.driver import partial_dir
     from orchestrator.errors import UserError
+    from orchestrator.plan import partial_dir
     from orchestrator.recipe import load_recipe
 
     recipe_path, overrides = args.recipe, list(args.overrides)
@@ -137,35 +186,37 @@ def cmd_run(args) -> int:
     elif recipe_path is None:
         raise UserError("run: give a recipe file (or --resume RUN_DIR)")
     recipe = load_recipe(recipe_path, overrides)  # all recipe checks, before anything heavy
-    from orchestrator.driver import make_plan
+    from orchestrator.plan import make_plan
 
-    plan = make_plan(recipe, overwrite=args.overwrite, progress=not args.quiet, lock=True)
+    progress = not args.quiet
+    plan = make_plan(recipe, overwrite=args.overwrite, progress=progress, lock=True)
     try:
-        return run_plan(plan, args.quiet)
+        return run_plan(plan, progress)
     finally:
         plan.lock.release()
 
 
-def run_plan(plan, quiet: bool) -> int:
+def run_plan(plan, progress: bool) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from orchestrator.driver import run
     from orchestrator.errors import RunFailed
     from orchestrator.report import summary_table
 
     recipe = plan.recipe
     reusable = len(plan.store.committed()) if plan.store.reusable else 0
-    print(f"run {recipe.run_name}: {plan.partition.architecture}, {plan.partition.num_blocks} blocks in "
-          f"{len(plan.partition.shards)} shards, {recipe.config.cluster.workers} workers"
-          + (f"; resuming: {reusable} committed files found in {plan.store.folder}" if reusable else ""),
-          file=sys.stderr)
+    log.info("run %s: %s, %d blocks in %d shards, %d workers%s", recipe.run_name, plan.partition.architecture,
+             plan.partition.num_blocks, len(plan.partition.shards), recipe.config.cluster.workers,
+             f"; resuming: {reusable} committed files found in {plan.store.folder}" if reusable else "")
     try:
-        data = run(plan, progress=not quiet)
+        with logging_redirect_tqdm(loggers=[log]):  # messages above the progress bar, not through it
+            data = run(plan, progress=progress)
     except RunFailed as e:
-        print(f"run failed: {e}. Committed shards are kept in {plan.store.folder}; run again to resume.",
-              file=sys.stderr)
+        log.error("run failed: %s. Committed shards are kept in %s; run again to resume.", e, plan.store.folder)
         return 1
     except KeyboardInterrupt:
-        print(f"stopped: {len(plan.store.committed())} committed files kept in {plan.store.folder}; "
-              f"run the same command again to resume", file=sys.stderr)
+        log.error("stopped: %d committed files kept in %s; run the same command again to resume",
+                  len(plan.store.committed()), plan.store.folder)
         return 130
     print(summary_table(data))
     return 0
@@ -181,7 +232,7 @@ def cmd_sync(args) -> int:
     if not (run_dir / "report.json").is_file():
         raise UserError(f"run_dir: {run_dir} is not a finished run (no report.json)")
     if not (run_dir / tracking.PENDING).is_file():
-        print(f"{run_dir}: nothing to sync (already logged, or tracking was off)", file=sys.stderr)
+        log.info("%s: nothing to sync (already logged, or tracking was off)", run_dir)
         return 0
     info = tracking.sync(run_dir, args.tracking_uri)
     print(f"logged {run_dir.name} to {info['uri']}: MLflow run {info['run_id']}")
@@ -194,12 +245,12 @@ def cmd_submit(args) -> int:
     try:
         job_id = jobs.submit(args.recipe, args.overrides, args.address, args.token)
     except jobs.JobError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 1
     print(job_id)
     if args.follow:
         final = jobs.follow(args.address, job_id, args.token)
-        print(f"job {job_id}: {final}", file=sys.stderr)
+        log.info("job %s: %s", job_id, final)
         return 0 if final == "SUCCEEDED" else 1
     return 0
 
@@ -220,11 +271,11 @@ def cmd_plan(args) -> int:
     from orchestrator.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from orchestrator.driver import make_plan
-    from orchestrator.planner import describe
+    from orchestrator.plan import make_plan
+    from orchestrator.planner import forecast_table
 
     plan = make_plan(recipe, overwrite=True, progress=True)  # refuses (exit 2) what cannot fit
-    print(describe(plan.forecast, plan))
+    print(forecast_table(plan.forecast, plan))
     return 0
 
 
@@ -236,7 +287,7 @@ def cmd_eval(args) -> int:
 
     from orchestrator.errors import UserError
     from orchestrator.partition import CAUSAL_LM, block_linears, load_config, skeleton, task_of
-    from orchestrator.recipe import EvalDataConfig
+    from orchestrator.recipe import EvalDataConfig, RecipeValueError
 
     folders = {"model_dir": Path(args.model_dir).expanduser()}
     if args.baseline:
@@ -253,10 +304,13 @@ def cmd_eval(args) -> int:
     if not causal and baseline is None:
         raise UserError("--baseline: an encoder's quality is its embedding fidelity to the dense model; "
                         "pass the dense folder")
-    cfg = EvalDataConfig(source=args.source, seq_len=args.seq_len, max_windows=args.max_windows,
-                         batch_size=args.batch_size, speed=not args.no_speed)
+    try:
+        cfg = EvalDataConfig(source=args.source, seq_len=args.seq_len, max_windows=args.max_windows,
+                             batch_size=args.batch_size, speed=not args.no_speed)
+    except RecipeValueError as e:  # the recipe's own range checks, named by the flag
+        raise UserError(f"--{e.field_name.replace('_', '-')}: {e.why}, got {getattr(args, e.field_name)}") from None
     if not causal:
-        from orchestrator.evaluate import eval_sentences
+        from orchestrator.data import eval_sentences
 
         eval_sentences(cfg)  # bad data: exit 2 now
     from orchestrator import report, tracking
@@ -312,7 +366,7 @@ def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.uri, "--host", args.host, "--port", str(args.port),
            "--workers", "1"]
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    log.info("MLflow UI on http://%s:%s (Ctrl-C to stop)", args.host, args.port)
     os.execvp(cmd[0], cmd)
 
 

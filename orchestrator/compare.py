@@ -41,7 +41,7 @@ def quality_of(report: dict, which: str) -> float | None:
     return (q.get("fidelity") or {}).get("cosine_mean")
 
 
-def describe(report: dict) -> str:
+def method_label(report: dict) -> str:
     """What was done, from the per-layer records: methods, bits, group size."""
     layers = [layer for s in report["shards"] for layer in s["layers"]]
     methods = sorted({"+".join(layer["methods"]) for layer in layers})
@@ -65,7 +65,7 @@ def compare(runs: list[str], tracking_uri: str, out: Path) -> str:
         q = r["quality"]
         extra = (q.get("compressed") or {}).get("fidelity", {}).get("topk_agreement") if encoder else q.get("kl_nats")
         bits = r["size"]["bits_per_weight"]["model"]
-        rows.append([r["run"]["name"], describe(r), human_bytes(r["size"]["compressed_bytes"]),
+        rows.append([r["run"]["name"], method_label(r), human_bytes(r["size"]["compressed_bytes"]),
                      f"{r['size']['compression_ratio']:.2f}", f"{bits:.2f}",
                      f"{r['compression']['mean_sparsity']:.3f}", _fmt(quality_of(r, "compressed")), _fmt(extra),
                      f"{r['timing']['phases'].get('compress', 0):.1f}", f"{r['timing']['total_s']:.1f}"])

@@ -1,4 +1,11 @@
-"""Calibration data: token windows drawn (seeded) from a text, hashed for reports and resume keys."""
+"""Texts and the token windows cut from them: the one place windows are built.
+
+- calibration windows: `num_samples` windows at seeded random offsets of the train split, hashed
+  (the hash goes in the report and the store's fingerprint);
+- evaluation windows: consecutive, non-overlapping windows of the held-out split;
+- evaluation sentences (encoders): the held-out split's lines;
+- random training windows (the reference models' training, the recover stage's windows).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.errors import UserError
-from orchestrator.recipe import CalibrationDataConfig
+from orchestrator.recipe import CalibrationDataConfig, EvalDataConfig
 
 
 @dataclass(frozen=True)
@@ -47,15 +54,44 @@ def read_text(source: str, split: str, key: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """A whole text's token ids, [tokens] int64, without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, count: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """[count, seq_len] windows of `ids` at random offsets drawn from `generator`."""
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (count, 1), generator=generator)  # [count, 1]
+    return ids[starts + torch.arange(seq_len)]
+
+
 def calibration_windows(tokenizer, cfg: CalibrationDataConfig) -> Calibration:
     """`num_samples` windows of `seq_len` tokens at seeded random offsets of the tokenized text."""
-    from orchestrator.reference import tokenize_split
-
-    ids = tokenize_split(tokenizer, read_text(cfg.source, "train", "data.calibration.source"))
+    ids = token_ids(tokenizer, read_text(cfg.source, "train", "data.calibration.source"))
     if ids.numel() < cfg.seq_len + 1:
         raise UserError(f"data.calibration.source: the text has {ids.numel()} tokens, fewer than "
                         f"seq_len={cfg.seq_len} + 1")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    starts = torch.randint(0, ids.numel() - cfg.seq_len + 1, (cfg.num_samples, 1), generator=generator)
-    windows = ids[starts + torch.arange(cfg.seq_len)]  # [num_samples, seq_len]
+    windows = random_windows(ids, cfg.num_samples, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
     return Calibration(windows, hashlib.sha256(windows.numpy().tobytes()).hexdigest())
+
+
+def eval_windows(tokenizer, cfg: EvalDataConfig) -> torch.Tensor:
+    """Held-out text -> [windows, seq_len] consecutive, non-overlapping token windows."""
+    ids = token_ids(tokenizer, read_text(cfg.source, "heldout", "data.eval.source"))
+    n = ids.numel() // cfg.seq_len
+    if cfg.max_windows:
+        n = min(n, cfg.max_windows)
+    if n == 0:
+        raise UserError(f"data.eval.source: the held-out text has fewer than seq_len={cfg.seq_len} tokens")
+    return ids[: n * cfg.seq_len].reshape(n, cfg.seq_len)
+
+
+def eval_sentences(cfg: EvalDataConfig) -> list[str]:
+    """Held-out sentences for encoder fidelity: the non-trivial lines of the held-out text, in order."""
+    lines = [" ".join(line.split()) for line in read_text(cfg.source, "heldout", "data.eval.source").splitlines()]
+    sentences = [line for line in lines if len(line.split()) >= 4]
+    if len(sentences) <= cfg.top_k:
+        raise UserError(f"data.eval.source: {len(sentences)} held-out sentences of 4+ words; "
+                        f"top-k agreement needs more than top_k={cfg.top_k}")
+    return sentences[: cfg.sentences]

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from orchestrator.data import read_text
-from orchestrator.errors import UserError
+from orchestrator.data import eval_sentences, eval_windows
+from orchestrator.techniques.result import weight_error
 from orchestrator.recipe import EvalDataConfig
 
 
@@ -53,29 +53,6 @@ class Perplexity:
     def summary(self) -> dict:
         return {"perplexity": self.perplexity, "nll": self.nll, "tokens": self.tokens, "windows": self.windows,
                 "seconds": round(self.seconds, 3)}
-
-
-def eval_windows(tokenizer, cfg: EvalDataConfig) -> torch.Tensor:
-    """Held-out text -> [windows, seq_len] token ids."""
-    from orchestrator.reference import tokenize_split
-
-    ids = tokenize_split(tokenizer, read_text(cfg.source, "heldout", "data.eval.source"))
-    n = ids.numel() // cfg.seq_len
-    if cfg.max_windows:
-        n = min(n, cfg.max_windows)
-    if n == 0:
-        raise UserError(f"data.eval.source: the held-out text has fewer than seq_len={cfg.seq_len} tokens")
-    return ids[: n * cfg.seq_len].reshape(n, cfg.seq_len)
-
-
-def eval_sentences(cfg: EvalDataConfig) -> list[str]:
-    """Held-out sentences for encoder fidelity: the non-trivial lines of the held-out text, in order."""
-    lines = [" ".join(line.split()) for line in read_text(cfg.source, "heldout", "data.eval.source").splitlines()]
-    sentences = [line for line in lines if len(line.split()) >= 4]
-    if len(sentences) <= cfg.top_k:
-        raise UserError(f"data.eval.source: {len(sentences)} held-out sentences of 4+ words; "
-                        f"top-k agreement needs more than top_k={cfg.top_k}")
-    return sentences[: cfg.sentences]
 
 
 def load(model_dir: str | Path, causal: bool, threads: int) -> torch.nn.Module:
@@ -221,9 +198,6 @@ def weight_stats(model: torch.nn.Module, linears: list[str], base: torch.nn.Modu
         W = model.get_submodule(name).weight.float()
         row = {"name": name, "sparsity": (W == 0).float().mean().item()}
         if base is not None:
-            W0 = base.get_submodule(name).weight.float()
-            err2, ref2 = (W - W0).pow(2).sum().item(), W0.pow(2).sum().item()
-            row["relative_error"] = math.sqrt(err2 / ref2) if ref2 else 0.0
-            row["sqnr_db"] = 10 * math.log10(ref2 / err2) if err2 else math.inf
+            row["relative_error"], row["sqnr_db"] = weight_error(W, base.get_submodule(name).weight.float())
         rows.append(row)
     return rows

@@ -32,14 +32,12 @@ import psutil
 import torch
 from safetensors import safe_open
 
+from orchestrator.capture import expected_input_groups
 from orchestrator.errors import UserError
 from orchestrator.partition import Shard, load_config
 
 FLOAT32 = 4
 RAY_DRIVER_BYTES = 40_000_000  # what ray.init adds to the driver's resident set (measured: Ray 2.60, Linux)
-# Linear layers that read the very same input tensor, so capture.py accumulates one Hessian for them
-SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv", "key": "qkv", "value": "qkv",
-                "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 
 @dataclass
@@ -122,10 +120,7 @@ def shard_forecast(shard: Shard, sizes: dict[str, int], base: int, calibrated: b
     hessians = activations = factorisation = 0
     flops = 0.0
     if calibrated:
-        widths = {}  # one H per input: q/k/v (query/key/value) share one, gate/up share one, the others their own
-        for layer in shard.linears:
-            parent, leaf = layer.name.rsplit(".", 1)
-            widths.setdefault((parent, SHARED_INPUT.get(leaf, leaf)), layer.in_features)
+        widths = {group: members[0].in_features for group, members in expected_input_groups(shard.linears).items()}
         hessians = sum(w * w * FLOAT32 for w in widths.values())
         widest_ffn = max(l.out_features for l in shard.linears)
         activations = 2 * tokens * hidden * FLOAT32 + 4 * batch_tokens * widest_ffn * FLOAT32
@@ -197,7 +192,7 @@ def check_fits(fc: Forecast, plan) -> None:
             f"data.calibration.seq_len (now {c.data.calibration.seq_len})")
 
 
-def describe(fc: Forecast, plan) -> str:
+def forecast_table(fc: Forecast, plan) -> str:
     """The plan as `orchestrator plan` prints it."""
     p = plan.partition
     lines = [f"model: {plan.model_dir} ({p.architecture}, {p.num_params / 1e6:.1f}M parameters, {p.num_blocks} blocks)",

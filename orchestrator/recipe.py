@@ -18,9 +18,27 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from orchestrator import defaults
 from orchestrator.errors import UserError
-from orchestrator.recover import RecoverConfig
 from orchestrator.techniques import TECHNIQUES, Technique
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+NAME_PATTERN = r"[\w.-]+"  # run and output names: letters, digits, '_', '-' and '.'
+
+
+class RecipeValueError(ValueError):
+    """A value its type allows but its range does not: raised by a section's __post_init__, naming the key."""
+
+    def __init__(self, key: str, field_name: str, why: str):
+        super().__init__(f"key '{key}': {why}")
+        self.field_name, self.why = field_name, why
+
+
+def require(section: str, *rules: tuple[bool, str, str]) -> None:
+    """Each rule is (holds, field, why); the first that fails raises RecipeValueError for `section.field`."""
+    for holds, name, why in rules:
+        if not holds:
+            raise RecipeValueError(f"{section}.{name}" if section else name, name, why)
 
 
 @dataclass
@@ -29,19 +47,33 @@ class ModelConfig:
     dtype: str = "auto"  # auto (the checkpoint's) | float32 | bfloat16 | float16
     trust_remote_code: bool = False
 
+    def __post_init__(self):
+        require("model", (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"))
+
 
 @dataclass
 class EvalDataConfig:
     enabled: bool = True  # false: no quality or speed measurement (e.g. when timing compression alone)
-    source: str = "reference"  # "reference" (held-out split of the reference corpus) or a .txt file
-    seq_len: int = 128  # tokens per non-overlapping window (causal LMs); max tokens per sentence (encoders)
-    max_windows: int = 64  # causal LMs: cap on windows evaluated (0 = all)
-    batch_size: int = 8
+    source: str = defaults.EVAL_SOURCE  # "reference" (held-out split of the reference corpus) or a .txt file
+    seq_len: int = defaults.EVAL_SEQ_LEN  # tokens per non-overlapping window (causal LMs); max tokens per sentence (encoders)
+    max_windows: int = defaults.EVAL_MAX_WINDOWS  # causal LMs: cap on windows evaluated (0 = all)
+    batch_size: int = defaults.EVAL_BATCH_SIZE
     sentences: int = 256  # encoders: held-out sentences embedded
     top_k: int = 10  # encoders: neighbours compared for top-k agreement
     speed: bool = True  # measure forward latency / throughput of the dense and compressed models
     speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     speed_repeats: int = 5  # timed forward passes per batch size (after one warm-up)
+
+    def __post_init__(self):
+        require("data.eval",
+                (self.seq_len >= 8, "seq_len", "must be >= 8"),
+                (self.max_windows >= 0, "max_windows", "must be >= 0"),
+                (self.batch_size >= 1, "batch_size", "must be >= 1"),
+                (self.sentences >= 2, "sentences", "must be >= 2"),
+                (1 <= self.top_k < self.sentences, "top_k", "must be in 1..sentences-1"),
+                (bool(self.speed_batch_sizes) and min(self.speed_batch_sizes) >= 1, "speed_batch_sizes",
+                 "must be a non-empty list of integers >= 1"),
+                (self.speed_repeats >= 1, "speed_repeats", "must be >= 1"))
 
 
 @dataclass
@@ -51,6 +83,12 @@ class CalibrationDataConfig:
     seq_len: int = 128
     seed: int = 0
     batch_size: int = 8  # windows per forward pass while capturing activations
+
+    def __post_init__(self):
+        require("data.calibration",
+                (self.num_samples >= 1, "num_samples", "must be >= 1"),
+                (self.seq_len >= 8, "seq_len", "must be >= 8"),
+                (self.batch_size >= 1, "batch_size", "must be >= 1"))
 
 
 @dataclass
@@ -64,6 +102,44 @@ class PartitionConfig:
     blocks_per_shard: int = 1  # consecutive transformer blocks per shard
     calibration: str = "parallel"  # parallel | sequential (used by calibration-aware methods)
 
+    def __post_init__(self):
+        require("partition",
+                (self.blocks_per_shard >= 1, "blocks_per_shard", "must be >= 1"),
+                (self.calibration in ("parallel", "sequential"), "calibration", "must be parallel or sequential"))
+
+
+@dataclass
+class RecoverConfig:
+    """The recover stage: distillation of the compressed model against the dense one (recover.py)."""
+
+    enabled: bool = False
+    steps: int = 100  # optimizer steps
+    lr: float = 1e-4
+    batch_size: int = 4  # sequences per worker per step
+    seq_len: int = 128
+    num_samples: int = 256  # training windows, drawn (seeded) from data.calibration.source's train split
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters) partitioned
+    offload: bool = False  # optimizer state and step on the CPU (DeepSpeedCPUAdam)
+    workers: int = 2  # Ray Train workers, one process each
+    cpus_per_worker: float = 1.0
+    hidden_mse: float = 0.0  # weight of the last-hidden-state MSE term (0: KL only)
+    checkpoint_every: int = 25  # steps between Ray Train checkpoints (a restarted worker resumes there)
+    max_failures: int = 2  # worker-group restarts Ray Train may make
+
+    def __post_init__(self):
+        require("recover",
+                (self.steps >= 1, "steps", "must be >= 1"),
+                (self.lr > 0, "lr", "must be > 0"),
+                (self.batch_size >= 1, "batch_size", "must be >= 1"),
+                (self.seq_len >= 8, "seq_len", "must be >= 8"),
+                (self.num_samples >= 1, "num_samples", "must be >= 1"),
+                (self.zero_stage in (1, 2, 3), "zero_stage", "must be 1, 2 or 3"),
+                (self.workers >= 1, "workers", "must be >= 1"),
+                (self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0"),
+                (self.hidden_mse >= 0, "hidden_mse", "must be >= 0"),
+                (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
+                (self.max_failures >= 0, "max_failures", "must be >= 0"))
+
 
 @dataclass
 class ClusterConfig:
@@ -74,12 +150,31 @@ class ClusterConfig:
     max_restarts: int = 2  # per actor; also the retries a shard gets
     memory_gb: float = 0.0  # memory the planner may plan for on this machine; 0 = what is available now
 
+    def __post_init__(self):
+        require("cluster",
+                (self.workers >= 1, "workers", "must be >= 1"),
+                (self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0"),
+                (valid_gpus(self.gpus_per_worker), "gpus_per_worker",
+                 f"must be auto or a number >= 0 (fractions below 1 allowed), not {self.gpus_per_worker!r}"),
+                (self.max_restarts >= 0, "max_restarts", "must be >= 0"),
+                (self.memory_gb >= 0, "memory_gb", "must be >= 0 (0: this machine's available memory)"))
+
+
+def valid_gpus(value: str) -> bool:
+    if value == "auto":
+        return True
+    try:
+        gpus = float(value)
+    except ValueError:
+        return False
+    return gpus >= 0 and (gpus <= 1 or gpus.is_integer())  # Ray: above 1, whole GPUs only
+
 
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"  # relative to the working directory
-    experiment: str = "orchestrator"
+    uri: str = defaults.TRACKING_URI  # relative to the working directory
+    experiment: str = defaults.EXPERIMENT
 
 
 @dataclass
@@ -87,6 +182,12 @@ class OutputConfig:
     dir: str = "runs"
     name: Optional[str] = None  # run folder name; default <recipe name>-<recipe hash[:8]>
     overwrite: bool = False
+
+    def __post_init__(self):
+        require("output",
+                (bool(self.dir), "dir", "must not be empty"),
+                (self.name is None or re.fullmatch(NAME_PATTERN, self.name) is not None, "name",
+                 "may hold only letters, digits, '_', '-' and '.'"))
 
 
 @dataclass
@@ -101,6 +202,10 @@ class RecipeConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        require("", (re.fullmatch(NAME_PATTERN, self.name) is not None, "name",
+                     "may hold only letters, digits, '_', '-' and '.'"))
 
 
 @dataclass
@@ -129,9 +234,6 @@ class Recipe:
     @property
     def run_name(self) -> str:
         return self.config.output.name or f"{self.config.name}-{self.hash[:8]}"
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -175,10 +277,11 @@ def build_recipe(raw: dict, overrides: list[str] = (), origin: str = "recipe") -
         for item in overrides:
             key, value = parse_override(item)
             OmegaConf.update(cfg, key, value, merge=True)
-        config: RecipeConfig = OmegaConf.to_object(cfg)
+        config: RecipeConfig = OmegaConf.to_object(cfg)  # each section checks its values (__post_init__)
     except OmegaConfBaseException as e:
         raise UserError(f"{origin}: {omegaconf_message(e)}") from None
-    check_values(config)
+    except RecipeValueError as e:
+        raise UserError(str(e)) from None
     stages = [parse_stage(i, s) for i, s in enumerate(config.stages)]
     if not stages:
         raise UserError("stages: the recipe has no stages; add at least one (e.g. method: rtn)")
@@ -205,61 +308,6 @@ def omegaconf_message(e: OmegaConfBaseException) -> str:
     if "missing mandatory value" in first.lower():
         first = "is required"
     return f"key '{key}': {first}" if key else first
-
-
-def check_values(c: RecipeConfig) -> None:
-    """Range checks OmegaConf's types cannot express."""
-    checks = [
-        (c.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),
-        (c.data.eval.seq_len >= 8, "data.eval.seq_len", "must be >= 8"),
-        (c.data.eval.max_windows >= 0, "data.eval.max_windows", "must be >= 0"),
-        (c.data.eval.batch_size >= 1, "data.eval.batch_size", "must be >= 1"),
-        (c.data.eval.sentences >= 2, "data.eval.sentences", "must be >= 2"),
-        (1 <= c.data.eval.top_k < c.data.eval.sentences, "data.eval.top_k", "must be in 1..sentences-1"),
-        (bool(c.data.eval.speed_batch_sizes) and min(c.data.eval.speed_batch_sizes) >= 1,
-         "data.eval.speed_batch_sizes", "must be a non-empty list of integers >= 1"),
-        (c.data.eval.speed_repeats >= 1, "data.eval.speed_repeats", "must be >= 1"),
-        (c.data.calibration.num_samples >= 1, "data.calibration.num_samples", "must be >= 1"),
-        (c.data.calibration.seq_len >= 8, "data.calibration.seq_len", "must be >= 8"),
-        (c.data.calibration.batch_size >= 1, "data.calibration.batch_size", "must be >= 1"),
-        (c.partition.blocks_per_shard >= 1, "partition.blocks_per_shard", "must be >= 1"),
-        (c.partition.calibration in ("parallel", "sequential"), "partition.calibration",
-         "must be parallel or sequential"),
-        (c.cluster.workers >= 1, "cluster.workers", "must be >= 1"),
-        (c.cluster.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0"),
-        (valid_gpus(c.cluster.gpus_per_worker), "cluster.gpus_per_worker",
-         f"must be auto or a number >= 0 (fractions below 1 allowed), not {c.cluster.gpus_per_worker!r}"),
-        (c.cluster.max_restarts >= 0, "cluster.max_restarts", "must be >= 0"),
-        (c.cluster.memory_gb >= 0, "cluster.memory_gb", "must be >= 0 (0: this machine's available memory)"),
-        (c.recover.steps >= 1, "recover.steps", "must be >= 1"),
-        (c.recover.lr > 0, "recover.lr", "must be > 0"),
-        (c.recover.batch_size >= 1, "recover.batch_size", "must be >= 1"),
-        (c.recover.seq_len >= 8, "recover.seq_len", "must be >= 8"),
-        (c.recover.num_samples >= 1, "recover.num_samples", "must be >= 1"),
-        (c.recover.zero_stage in (1, 2, 3), "recover.zero_stage", "must be 1, 2 or 3"),
-        (c.recover.workers >= 1, "recover.workers", "must be >= 1"),
-        (c.recover.cpus_per_worker > 0, "recover.cpus_per_worker", "must be > 0"),
-        (c.recover.hidden_mse >= 0, "recover.hidden_mse", "must be >= 0"),
-        (c.recover.checkpoint_every >= 1, "recover.checkpoint_every", "must be >= 1"),
-        (c.recover.max_failures >= 0, "recover.max_failures", "must be >= 0"),
-        (bool(c.output.dir), "output.dir", "must not be empty"),
-        (c.output.name is None or re.fullmatch(r"[\w.-]+", c.output.name) is not None, "output.name",
-         "may hold only letters, digits, '_', '-' and '.'"),
-        (re.fullmatch(r"[\w.-]+", c.name) is not None, "name", "may hold only letters, digits, '_', '-' and '.'"),
-    ]
-    for ok, key, why in checks:
-        if not ok:
-            raise UserError(f"key '{key}': {why}")
-
-
-def valid_gpus(value: str) -> bool:
-    if value == "auto":
-        return True
-    try:
-        gpus = float(value)
-    except ValueError:
-        return False
-    return gpus >= 0 and (gpus <= 1 or gpus.is_integer())  # Ray: above 1, whole GPUs only
 
 
 def parse_stage(index: int, raw: Any) -> Stage:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import tempfile
 import time
@@ -35,24 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from orchestrator.errors import RunFailed
+from orchestrator.recipe import RecoverConfig
+from orchestrator.files import atomic_path
 from orchestrator.techniques.grid import int_range
-
-
-@dataclass
-class RecoverConfig:
-    enabled: bool = False
-    steps: int = 100  # optimizer steps
-    lr: float = 1e-4
-    batch_size: int = 4  # sequences per worker per step
-    seq_len: int = 128
-    num_samples: int = 256  # training windows, drawn (seeded) from data.calibration.source's train split
-    zero_stage: int = 2  # DeepSpeed ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters) partitioned
-    offload: bool = False  # optimizer state and step on the CPU (DeepSpeedCPUAdam)
-    workers: int = 2  # Ray Train workers, one process each
-    cpus_per_worker: float = 1.0
-    hidden_mse: float = 0.0  # weight of the last-hidden-state MSE term (0: KL only)
-    checkpoint_every: int = 25  # steps between Ray Train checkpoints (a restarted worker resumes there)
-    max_failures: int = 2  # worker-group restarts Ray Train may make
 
 
 CHECKPOINT_TAG = "recover"  # DeepSpeed's checkpoint subfolder (not "latest": DeepSpeed writes a file by that name)
@@ -176,21 +160,13 @@ def weights_only_checkpoint_engine(ds_config):
     return WeightsOnlyCheckpointEngine(ds_config)
 
 
-def train_loop(config: dict) -> None:
-    """One Ray Train worker: DeepSpeed ZeRO on the student, the teacher frozen beside it."""
+def build_engine(cfg: RecoverConfig, config: dict, layers: list[TrainedLayer], world: int, device):
+    """-> (the DeepSpeed engine over the student, restored from Ray Train's checkpoint when this worker group
+    was restarted; the frozen teacher)."""
     import deepspeed
-    import ray
     import ray.train
-    import ray.train.torch
     from transformers import AutoModelForCausalLM
 
-    cfg = RecoverConfig(**config["recover"])
-    layers = [TrainedLayer(**layer) for layer in config["layers"]]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(config["seed"])
-    device = ray.train.torch.get_device()  # this worker's GPU when the trainer has GPUs (NCCL), else the CPU
     teacher = AutoModelForCausalLM.from_pretrained(config["teacher"], dtype=torch.float32).eval().to(device)
     teacher.requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(config["student"], dtype=torch.float32)
@@ -212,6 +188,23 @@ def train_loop(config: dict) -> None:
             loaded, _ = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         if loaded is None:
             raise RunFailed(f"recover: no DeepSpeed checkpoint in {folder}")
+    return engine, teacher
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: DeepSpeed ZeRO on the student, the teacher frozen beside it."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = RecoverConfig(**config["recover"])
+    layers = [TrainedLayer(**layer) for layer in config["layers"]]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(config["seed"])
+    device = ray.train.torch.get_device()  # this worker's GPU when the trainer has GPUs (NCCL), else the CPU
+    engine, teacher = build_engine(cfg, config, layers, world, device)
     start = engine.global_steps  # optimizer steps taken: 0, or the restored checkpoint's
     nodes = [None] * world  # where each rank runs, for the report
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -241,10 +234,10 @@ def train_loop(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
-    write_recovered(engine, layers, config["out"], rank, cfg.zero_stage)
+    save_trained_weights(engine, layers, config["out"], rank, cfg.zero_stage)
 
 
-def write_recovered(engine, layers: list[TrainedLayer], out: str, rank: int, zero_stage: int) -> None:
+def save_trained_weights(engine, layers: list[TrainedLayer], out: str, rank: int, zero_stage: int) -> None:
     """Rank 0 writes every trained weight back on its grid, under its mask: {weight_key: [out, in] float32}."""
     import deepspeed
 
@@ -255,9 +248,8 @@ def write_recovered(engine, layers: list[TrainedLayer], out: str, rank: int, zer
         if rank == 0:
             tensors = {layer.weight_key: modules[layer.module].effective(modules[layer.module].weight).cpu().contiguous()
                        for layer in layers}
-            tmp = f"{out}.tmp"
-            save_file(tensors, tmp)
-            os.replace(tmp, out)
+            with atomic_path(Path(out)) as tmp:
+                save_file(tensors, str(tmp))
 
 
 def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[str, torch.Tensor],

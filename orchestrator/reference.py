@@ -35,6 +35,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from orchestrator.corpus import corpus_sha256, reference_texts
+from orchestrator.data import random_windows, token_ids
 
 #: Bump whenever a change here alters what a build produces; it invalidates cached models.
 BUILD_VERSION = 1
@@ -177,7 +178,7 @@ def resolve_reference(name: str, progress: bool = True) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             build_reference(name, staging, progress)
-            os.replace(staging, final)
+            staging.rename(final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -195,8 +196,8 @@ def build_reference(name: str, dest: Path, progress: bool = True) -> dict:
     tokenizer = train_tokenizer(train_text, spec)
     with _deterministic_torch(spec.seed):
         model = _new_model(spec, tokenizer)
-        losses = _train(model, tokenize_split(tokenizer, train_text), spec, name, progress)
-        perplexity = _perplexity(model, tokenize_split(tokenizer, heldout_text), spec.seq_len)
+        losses = _train(model, token_ids(tokenizer, train_text), spec, name, progress)
+        perplexity = _perplexity(model, token_ids(tokenizer, heldout_text), spec.seq_len)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     with _hf_progress_bars(progress):
@@ -236,12 +237,6 @@ def train_tokenizer(text: str, spec: ReferenceSpec) -> PreTrainedTokenizerFast:
         pad_token=EOS_TOKEN,
         model_max_length=spec.seq_len,
     )
-
-
-def tokenize_split(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of a whole text as a 1-D ``LongTensor``, without special tokens."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
 
 
 @contextlib.contextmanager
@@ -312,13 +307,11 @@ def _train(model: LlamaForCausalLM, ids: torch.Tensor, spec: ReferenceSpec, name
     )
     schedule = get_cosine_schedule_with_warmup(optimizer, spec.warmup_steps, spec.steps)
     windows = torch.Generator().manual_seed(spec.seed)
-    offsets = torch.arange(spec.seq_len)
     losses: list[float] = []
     model.train()
     bar = tqdm(range(spec.steps), desc=f"training {name}", unit="step", file=sys.stderr, disable=not progress)
     for _ in bar:
-        starts = torch.randint(0, len(ids) - spec.seq_len + 1, (spec.batch_size, 1), generator=windows)
-        batch = ids[starts + offsets]
+        batch = random_windows(ids, spec.batch_size, spec.seq_len, windows)  # [batch_size, seq_len]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -333,7 +326,9 @@ def _train(model: LlamaForCausalLM, ids: torch.Tensor, spec: ReferenceSpec, name
 
 @torch.no_grad()
 def _perplexity(model: LlamaForCausalLM, ids: torch.Tensor, seq_len: int) -> float:
-    """Token-weighted perplexity over non-overlapping ``seq_len`` windows of ``ids``."""
+    """Token-weighted perplexity over non-overlapping ``seq_len`` windows of ``ids``, the last partial one
+    included: the build's own figure in reference.json, kept as it was so that cached models stay valid
+    (runs measure with evaluate.perplexities, on whole windows)."""
     total_nll, total_tokens = 0.0, 0
     for window in ids.split(seq_len):
         if len(window) < 2:

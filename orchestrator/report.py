@@ -3,26 +3,47 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.checkpoint import folder_bytes, write_tensors
+from orchestrator.files import write_text_atomic
 
 
-def build(plan, shards: list[dict], quality: dict, speed: dict | None, phases: dict, started: float,
-          model_dir: Path, sizes: dict, driver_peak_rss: int) -> dict:
-    recipe, partition = plan.recipe, plan.partition
+@dataclass(frozen=True)
+class RunResult:
+    """Everything a finished run hands the report, once (driver.run)."""
+
+    plan: Any  # plan.Plan
+    compressed: Any  # assemble.Compressed: the shard records and the checkpoints
+    quality: dict
+    speed: dict | None
+    sizes: dict  # assemble.finish_export_folder's, with the export's load check
+    recovery: dict | None  # recover_stage's record, when the recipe recovers
+    gpus_per_worker: float  # cluster.gpus_per_worker as resolved against the cluster
+    phases: dict  # seconds per phase
+    started: float  # time.time() at the start
+    driver_peak_rss: int
+    retries: int  # failed shard attempts that were retried
+
+
+def build(result: RunResult) -> dict:
+    """report.json's content (timing.total_s and mlflow are filled in by the driver)."""
+    plan, sizes = result.plan, result.sizes
+    recipe, partition, shards = plan.recipe, plan.partition, result.compressed.shards
+    model_dir = plan.store.folder / "model"
     dense_bytes = folder_bytes(plan.model_dir)
     compressed_bytes = folder_bytes(model_dir)
     layers = [layer for s in shards for layer in s["layers"]]
-    return {
+    data = {
         "run": {
             "name": recipe.run_name,
             "dir": str(plan.run_dir),
             "recipe_hash": recipe.hash,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(result.started)),
             "host": platform.node(),
         },
         "model": {
@@ -42,27 +63,32 @@ def build(plan, shards: list[dict], quality: dict, speed: dict | None, phases: d
             "bits_per_weight": bits_per_weight(sizes, partition.num_params),
             "load_check": sizes["load_check"],  # export.check_loads: transformers loads it, same outputs
         },
-        "quality": quality,
-        "speed": speed,
+        "quality": result.quality,
+        "speed": result.speed,
         "calibration": calibration_summary(plan),
         "compression": {
             "layers": len(layers),
             "mean_relative_error": sum(l["relative_error"] for l in layers) / max(1, len(layers)),
             "mean_sparsity": sum(l["sparsity"] for l in layers) / max(1, len(layers)),
         },
-        "timing": {"total_s": None, "phases": phases},
-        "cost": cost(plan, shards, phases),
+        "timing": {"total_s": None, "phases": result.phases},
+        "cost": cost(plan, shards, result.phases),
         "plan": plan.forecast.summary() if plan.forecast else None,
-        "memory": memory(plan, shards, driver_peak_rss),
+        "memory": memory(plan, shards, result.driver_peak_rss),
         "cluster": {
             "address": recipe.config.cluster.address or "local",
             "workers": recipe.config.cluster.workers,
             "cpus_per_worker": recipe.config.cluster.cpus_per_worker,
-            "gpus_per_worker": plan.gpus_per_worker,  # as resolved against the cluster (auto -> a number)
+            "gpus_per_worker": result.gpus_per_worker,
         },
         "shards": shards,
         "mlflow": None,
+        "store": {"shards_reused": result.compressed.reused, "shards_computed": result.compressed.computed,
+                  "retries": result.retries},
     }
+    if result.recovery:
+        data["recover"] = result.recovery | {"perplexity_after": (result.quality.get("compressed") or {}).get("perplexity")}
+    return data
 
 
 def memory(plan, shards: list[dict], driver_peak_rss: int) -> dict:
@@ -173,12 +199,15 @@ def eval_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def to_json(data: dict) -> str:
+    """report.json's bytes (the file, and its copy in MLflow)."""
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
 def write(run_dir: Path, data: dict) -> None:
-    """report.json last, atomically: its presence marks the run complete."""
-    (run_dir / "report.md").write_text(markdown(data))
-    tmp = run_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, run_dir / "report.json")
+    """report.md, then report.json, each atomically: report.json's presence marks the run complete."""
+    write_text_atomic(run_dir / "report.md", markdown(data))
+    write_text_atomic(run_dir / "report.json", to_json(data))
 
 
 def save_sample_logits(folder: Path, dense, compressed) -> None:

@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from orchestrator.errors import UserError
+from orchestrator.files import write_json_atomic
 
 # Recipe keys that do not change a shard's bytes: changing them keeps the committed shards usable.
-# `recover` neither: the recovered checkpoint is committed apart, with its own settings (driver.recover_stage).
+# `recover` neither: the recovered checkpoint is committed apart, with its own settings (recover_stage.py).
 NOT_IN_FINGERPRINT = ("name", "cluster", "tracking", "output", "recover")
 SAMPLED_CHUNKS, CHUNK_BYTES = 16, 1 << 16
 
@@ -74,13 +75,9 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def shard_key(index: int) -> str:
+    """A shard's commit key in the store: 3 -> "00003" (the rest of the checkpoint is "rest")."""
+    return f"{index:05d}"
 
 
 class ShardStore:

@@ -12,12 +12,13 @@ import logging
 import math
 import os
 import urllib.request
-import warnings
 from pathlib import Path
 
 from orchestrator.errors import UserError
 from orchestrator.recipe import Recipe, as_dict, flatten
-from orchestrator.store import write_json_atomic
+from orchestrator.files import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 def metrics_of(report: dict) -> dict[str, float]:
@@ -111,10 +112,12 @@ def reachable(uri: str) -> str | None:
         return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
 
 
-def replay(bundle: dict, uri: str, report: dict, run_folder: Path, write_report) -> dict:
-    """Log `bundle` as one MLflow run at `uri`, then the run folder's reports and plots. -> report["mlflow"].
-    `write_report(report)` is called once the run id is in the report, before report.json is uploaded."""
+def replay(bundle: dict, uri: str, report: dict, run_folder: Path) -> dict:
+    """Log `bundle` as one MLflow run at `uri`, with the report (report.json, report.md, holding the run's
+    id), the run folder's recipe and plots. -> the report's "mlflow" entry."""
     import mlflow
+
+    from orchestrator.report import markdown, to_json
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO chatter about tables
     for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
@@ -122,40 +125,39 @@ def replay(bundle: dict, uri: str, report: dict, run_folder: Path, write_report)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(bundle["experiment"])
     with mlflow.start_run(run_name=bundle["run_name"], tags=bundle["tags"]) as run:
-        report["mlflow"] = {"run_id": run.info.run_id, "experiment": bundle["experiment"], "uri": uri}
+        info = {"run_id": run.info.run_id, "experiment": bundle["experiment"], "uri": uri}
         mlflow.log_params(bundle["params"])
         mlflow.log_metrics(bundle["metrics"])
         for name, value, step in bundle["steps"]:
             mlflow.log_metric(name, value, step=step)
-        write_report(report)
-        for name in ("recipe.yaml", "report.json", "report.md"):
-            mlflow.log_artifact(str(run_folder / name))
+        logged = report | {"mlflow": info}  # the report as the run folder will hold it
+        mlflow.log_text(to_json(logged), "report.json")
+        mlflow.log_text(markdown(logged), "report.md")
+        mlflow.log_artifact(str(run_folder / "recipe.yaml"))
         if (run_folder / "plots").is_dir():
             mlflow.log_artifacts(str(run_folder / "plots"), artifact_path="plots")
-    return report["mlflow"]
+    return info
 
 
-def log_run(recipe: Recipe, report: dict, run_folder: Path, write_report) -> dict | None:
-    """Log one MLflow run; `write_report(report)` is called once report["mlflow"] is known. If MLflow
-    cannot be reached the compression still succeeds: a warning says so, and what would have been
-    logged is kept in the run folder (mlflow-pending.json) for `orchestrator sync`."""
+def log_run(recipe: Recipe, report: dict, run_folder: Path) -> dict | None:
+    """Log one MLflow run; -> the report's "mlflow" entry (None when tracking is off). If MLflow cannot
+    be reached the compression still succeeds: a warning says so, and what would have been logged is
+    kept in the run folder (mlflow-pending.json) for `orchestrator sync`."""
     cfg = recipe.config.tracking
     if not cfg.enabled:
-        write_report(report)
         return None
     bundle = run_bundle(recipe, report)
     problem = reachable(cfg.uri)
     if problem is None:
         try:
-            return replay(bundle, cfg.uri, report, run_folder, write_report)
+            return replay(bundle, cfg.uri, report, run_folder)
         except Exception as e:  # tracking must never cost the user the compression
             problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     write_json_atomic(run_folder / PENDING, bundle)
-    report["mlflow"] = {"run_id": None, "pending": PENDING, "uri": cfg.uri}
-    write_report(report)
-    warnings.warn(f"MLflow at {cfg.uri} could not be reached ({problem}); the metrics and artifacts are kept in "
-                  f"{run_folder.name}/{PENDING}: `orchestrator sync RUN_DIR` logs them once MLflow is back")
-    return None
+    log.warning("MLflow at %s could not be reached (%s); the metrics and artifacts are kept in %s/%s: "
+                "`orchestrator sync RUN_DIR` logs them once MLflow is back", cfg.uri, problem, run_folder.name,
+                PENDING)
+    return {"run_id": None, "pending": PENDING, "uri": cfg.uri}
 
 
 def sync(run_dir: Path, uri: str | None) -> dict:
@@ -168,9 +170,10 @@ def sync(run_dir: Path, uri: str | None) -> dict:
     if (problem := reachable(uri)) is not None:
         raise UserError(f"--tracking-uri: MLflow at {uri} cannot be reached ({problem})")
     data = json.loads((run_dir / "report.json").read_text())
-    info = replay(bundle, uri, data, run_dir, lambda d: reports.write(run_dir, d))
+    data["mlflow"] = replay(bundle, uri, data, run_dir)
+    reports.write(run_dir, data)
     pending.unlink()
-    return info
+    return data["mlflow"]
 
 
 def eval_metrics(data: dict) -> dict[str, float]:
@@ -202,5 +205,5 @@ def log_eval(data: dict, report_path: Path, uri: str, experiment: str) -> str | 
             mlflow.log_artifact(str(report_path))
             return run.info.run_id
     except Exception as e:
-        warnings.warn(f"MLflow logging to {uri} failed ({type(e).__name__}: {e}); the report is in {report_path}")
+        log.warning("MLflow logging to %s failed (%s: %s); the report is in %s", uri, type(e).__name__, e, report_path)
         return None

@@ -7,11 +7,11 @@ is the Ray actor that runs it where the cluster puts it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import resource
 import time
 from pathlib import Path
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +25,9 @@ from orchestrator.export import QuantizedLayer, pack_shard, scheme_of
 from orchestrator.partition import LinearLayer, Shard
 from orchestrator.recipe import Stage
 from orchestrator.techniques.grid import QuantParams
+from orchestrator.techniques.result import weight_error
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,12 +95,11 @@ def compress_layer(
         if result.stats:
             stats[stage.technique.name] = {k: v.item() if isinstance(v, torch.Tensor) else v
                                            for k, v in result.stats.items()}
-    err2 = (W_hat - W).pow(2).sum().item()
-    ref2 = W.pow(2).sum().item()
+    relative_error, sqnr_db = weight_error(W_hat, W)
     metrics = LayerMetrics(
         name=name,
-        relative_error=(err2 / ref2) ** 0.5 if ref2 > 0 else 0.0,
-        sqnr_db=10 * torch.log10(torch.tensor(ref2 / err2)).item() if err2 > 0 else float("inf"),
+        relative_error=relative_error,
+        sqnr_db=sqnr_db,
         sparsity=(W_hat == 0).float().mean().item(),
         bits=quant.bits if quant else None,
         group_size=quant.group_size if quant else None,
@@ -164,8 +166,8 @@ def compute_device(gpu_ids: list, cuda_available: bool) -> torch.device:
     if gpu_ids and cuda_available:
         return torch.device("cuda")
     if gpu_ids:
-        warnings.warn(f"Ray granted this worker GPU {', '.join(map(str, gpu_ids))} but CUDA is not available "
-                      f"(torch {torch.__version__}); compressing on the CPU")
+        log.warning("Ray granted this worker GPU %s but CUDA is not available (torch %s); compressing on the CPU",
+                    ", ".join(map(str, gpu_ids)), torch.__version__)
     return torch.device("cpu")
 
 

@@ -172,7 +172,7 @@ def test_a_killed_driver_resumes_without_recomputing_committed_shards(chaos_mode
         rerun = run_cli("run", RECIPE, f"model.path={chaos_model}", f"output.dir={tmp_path}", "output.name=resumed",
                         *QUIET, *args, cwd=tmp_path)
     else:  # or --resume with the recipe the run saved
-        rerun = run_cli("run", "--resume", str(tmp_path / "resumed"), "--quiet", cwd=tmp_path)
+        rerun = run_cli("run", "--resume", str(tmp_path / "resumed"), cwd=tmp_path)  # not --quiet: "resuming" is info
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming" in rerun.stderr
     report = json.loads((tmp_path / "resumed" / "report.json").read_text())

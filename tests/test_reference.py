@@ -14,8 +14,8 @@ from orchestrator.reference import (
     is_reference,
     reference_name,
     resolve_reference,
-    tokenize_split,
 )
+from orchestrator.data import token_ids
 
 NAME = "micro-lm"
 
@@ -62,7 +62,7 @@ def test_model_loads_and_learned_something(builds):
     assert model.config.architectures == ["LlamaForCausalLM"]
     assert model.config.vocab_size == len(tokenizer) == spec.vocab_size
     text = reference_texts()[1][:500]
-    ids = tokenize_split(tokenizer, text)
+    ids = token_ids(tokenizer, text)
     assert ids.dtype == torch.long and ids.dim() == 1
     assert tokenizer.decode(ids) == text
     assert model(input_ids=ids[None, : spec.seq_len]).logits.shape == (1, spec.seq_len, spec.vocab_size)

@@ -88,6 +88,16 @@ def dequantize_groups(qweight: torch.Tensor, quant: QuantParams) -> torch.Tensor
     return dequantize(q, quant.scale[..., None], quant.zero[..., None]).reshape(qweight.shape)
 
 
+def initial_grid(W: torch.Tensor, g: int, p, fit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (scale, zero), [out, in // g] each: fitted on W as it is (fit), or placeholders
+    (scale 1, zero 0) that the sweep fits group by group as it reaches them."""
+    if fit:
+        return fit_qparams(group_view(W, g).float(), p.bits, p.symmetric, p.scale_dtype)
+    n_groups = W.shape[1] // g
+    return (torch.ones(W.shape[0], n_groups, dtype=torch.float32, device=W.device),
+            torch.zeros(W.shape[0], n_groups, dtype=torch.int32, device=W.device))
+
+
 @register("gptq", "quantize", GPTQParams, needs_calibration=True)
 def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
     """W [out, in] float32, H [in, in] -> W quantized on the grid with GPTQ's error feedback.
@@ -101,15 +111,10 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
     """
     out_features, in_features = W.shape
     g = group_width(in_features, p.group_size)
-    n_groups = in_features // g
     W, H, dead = prepare(W, H, "gptq", p.precision)  # copies in p.precision, dead inputs zeroed
 
     static = p.act_order  # fit every group up front, on the original W
-    if static:
-        scale, zero = fit_qparams(group_view(W, g).float(), p.bits, p.symmetric, p.scale_dtype)  # [out, n_groups] each
-    else:
-        scale = torch.ones(out_features, n_groups, dtype=torch.float32, device=W.device)
-        zero = torch.zeros(out_features, n_groups, dtype=torch.int32, device=W.device)
+    scale, zero = initial_grid(W, g, p, static)  # [out, n_groups] each
 
     perm = None
     if p.act_order:

@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from orchestrator.techniques.gptq import dequantize_groups, group_width, updated_columns
+from orchestrator.techniques.gptq import dequantize_groups, group_width, initial_grid, updated_columns
 from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, quantize
 from orchestrator.techniques.hessian import check_sweep, inverse_hessian_cholesky, prepare
 from orchestrator.techniques.magnitude import PruneParams
@@ -71,6 +71,23 @@ class SparseGPTParams(PruneParams):
             QuantizeParams(self.bits, self.group_size, self.symmetric, self.scale_dtype)  # raises "bits: ..." / "group_size: ..."
 
 
+def lowest_scores(W1: torch.Tensor, u_diag: torch.Tensor, count: int) -> torch.Tensor:
+    """W1 [out, B], u_diag [B] -> [out, B] bool: the `count` weights of lowest OBS score w^2 / U_jj^2 over the
+    whole block (ties by position)."""
+    score = W1.square() / u_diag.square()[None, :]  # [out, B]
+    lowest = torch.sort(score.flatten(), stable=True).indices[:count]
+    chosen = torch.zeros(W1.numel(), dtype=torch.bool, device=W1.device)
+    chosen[lowest] = True
+    return chosen.reshape(W1.shape)
+
+
+def lowest_per_row(cols: torch.Tensor, u_diag: torch.Tensor, count: int) -> torch.Tensor:
+    """cols [out, m], u_diag [m] -> [out, m] bool: in each row, the `count` weights of lowest score (N:M)."""
+    score = cols.square() / u_diag.square()[None, :]  # [out, m]
+    lowest = torch.sort(score, dim=1, stable=True).indices[:, :count]  # [out, count]
+    return torch.zeros_like(cols, dtype=torch.bool).scatter_(1, lowest, True)
+
+
 @register("sparsegpt", "prune", SparseGPTParams, needs_calibration=True)
 def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> LayerResult:
     """W [out, in] float32, H [in, in] -> W pruned (and quantized) with OBS reconstruction.
@@ -91,15 +108,11 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
     pruned = torch.zeros(out_features, in_features, dtype=torch.bool, device=W.device)  # decided so far
     Q = torch.zeros_like(W)  # [out, in] the fixed values
     if g is not None:
-        n_groups = in_features // g
-        scale = torch.ones(out_features, n_groups, dtype=torch.float32, device=W.device)
-        zero = torch.zeros(out_features, n_groups, dtype=torch.int32, device=W.device)
+        scale, zero = initial_grid(W, g, p, fit=False)  # [out, n_groups] each, fitted as the sweep goes
         qweight = torch.zeros(out_features, in_features, dtype=torch.int32, device=W.device)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
 
-    def prune_upto(c: int) -> int:  # unstructured: weights pruned in columns [0, c)
-        return round(p.sparsity * out_features * c)
-
+    prune_upto = lambda c: round(p.sparsity * out_features * c)  # noqa: E731  unstructured: pruned in columns [0, c)
     for i1 in range(0, in_features, p.block_size):
         i2 = min(i1 + p.block_size, in_features)
         W1 = W[:, i1:i2]  # [out, B] the block as it is at its start
@@ -108,19 +121,12 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
         if nm is None:
             n_prune = prune_upto(i2) - prune_upto(i1)
             if n_prune:
-                score = W1.square() / U1.diagonal().square()[None, :]  # [out, B]
-                lowest = torch.sort(score.flatten(), stable=True).indices[:n_prune]
-                M1 = torch.zeros(W1.numel(), dtype=torch.bool, device=W.device)
-                M1[lowest] = True
-                pruned[:, i1:i2] = M1.reshape(W1.shape)
+                pruned[:, i1:i2] = lowest_scores(W1, U1.diagonal(), n_prune)
         for i in range(i2 - i1):
             j = i1 + i
             if nm is not None and j % nm[1] == 0:  # first column of an N:M group
-                n, m = nm
-                cols = updated_columns(W, Err1, U, i1, i2, j, j + m)  # [out, m]
-                score = cols.square() / U.diagonal()[j:j + m].square()[None, :]  # [out, m]
-                lowest = torch.sort(score, dim=1, stable=True).indices[:, :m - n]  # [out, m - n]
-                pruned[:, j:j + m] = torch.zeros_like(cols, dtype=torch.bool).scatter_(1, lowest, True)
+                cols = updated_columns(W, Err1, U, i1, i2, j, j + nm[1])  # [out, m]
+                pruned[:, j:j + nm[1]] = lowest_per_row(cols, U.diagonal()[j:j + nm[1]], nm[1] - nm[0])
             if g is not None and j % g == 0:  # first column of a quantization group
                 cols = updated_columns(W, Err1, U, i1, i2, j, j + g).masked_fill(pruned[:, j:j + g], 0)
                 scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric, p.scale_dtype)
@@ -138,9 +144,8 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
             Err1[i] = err
         W[:, i2:] -= Err1.T @ U[i1:i2, i2:]  # the lazy update of everything after the block
 
-    keep = ~pruned
     stats = {"damp": damp, "damp_raised": raised, "loss": loss.item(), "dead_columns": int(dead.sum())}
     if g is None:
-        return LayerResult(weight=Q.to(W_in.dtype), mask=keep, stats=stats)
+        return LayerResult(weight=Q.to(W_in.dtype), mask=~pruned, stats=stats)
     quant = QuantParams(scale, zero, p.bits, g, p.symmetric)
-    return LayerResult(weight=dequantize_groups(qweight, quant), mask=keep, quant=quant, qweight=qweight, stats=stats)
+    return LayerResult(dequantize_groups(qweight, quant), mask=~pruned, quant=quant, qweight=qweight, stats=stats)

@@ -1,0 +1,176 @@
+"""The plan of a run: every check of its input, before Ray starts, and one frozen `Plan` built once.
+
+Bad input (a model folder, a stage that fits no layer, data too short, a run folder held by another
+run, memory that cannot fit) raises UserError here, so `orchestrator run` exits 2 before any cluster
+work. The plan then travels read-only through the run (driver.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from orchestrator.data import Calibration, calibration_windows, eval_sentences, eval_windows
+from orchestrator.errors import UserError
+from orchestrator.partition import CAUSAL_LM, Partition, partition_model
+from orchestrator.planner import Forecast, check_fits, forecast
+from orchestrator.recipe import CalibrationDataConfig, Recipe, Stage, as_dict
+from orchestrator.store import Fingerprint, RunLock, ShardStore, model_fingerprint, recipe_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    model_dir: Path
+    partition: Partition
+    run_dir: Path
+    calibration: Calibration | None  # token windows, when a stage needs calibration
+    recover_ids: torch.Tensor | None  # [num_samples, seq_len] the recover stage's windows, when enabled
+    store: ShardStore  # the run's work folder and its committed shards (store.py)
+    forecast: Forecast | None = None  # predicted memory and time (planner.py)
+    lock: RunLock | None = None  # held while the run writes its folder (make_plan(lock=True))
+    seconds: float = 0.0  # spent planning (a reference model's first build included)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
+
+
+def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lock: bool = False) -> Plan:
+    """Every check of the run's input, before Ray starts. lock: hold the run folder against other runs
+    of the same name (RunLock) until `plan.lock.release()` or the process ends."""
+    cfg = recipe.config
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(cfg.model.path, progress)
+    partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code)
+    check_stages(recipe.stages, partition)
+    check_recover(recipe, partition)
+    calibration, recover_ids = read_data(recipe, model_dir, partition)
+    run_dir = Path(cfg.output.dir).expanduser().resolve() / recipe.run_name
+    overwrite = overwrite or cfg.output.overwrite
+    fingerprint = Fingerprint(recipe_fingerprint(as_dict(recipe)), model_fingerprint(model_dir),
+                              calibration.sha256 if calibration else None)
+    plan = Plan(recipe, model_dir, partition, run_dir, calibration, recover_ids,
+                open_output(run_dir, fingerprint, overwrite))
+    plan = dataclasses.replace(plan, forecast=forecast(plan))
+    check_fits(plan.forecast, plan)
+    check_writable(run_dir.parent)  # last of the checks: the probe touches the folder
+    if lock:  # another run of the same name may have changed the folder while this one planned: look again
+        held = RunLock.acquire(run_dir)
+        try:
+            plan = dataclasses.replace(plan, lock=held, store=open_output(run_dir, fingerprint, overwrite))
+        except UserError:
+            held.release()
+            raise
+    plan = dataclasses.replace(plan, seconds=time.perf_counter() - t0)
+    log.debug("planned %s in %.1f s: %d shards, store %s", recipe.run_name, plan.seconds, len(partition.shards),
+              plan.store.folder)
+    return plan
+
+
+def resolve_model_dir(path: str, progress: bool) -> Path:
+    from orchestrator.reference import is_reference, reference_name, resolve_reference
+
+    if is_reference(path):
+        try:
+            return resolve_reference(reference_name(path), progress=progress)
+        except KeyError as e:
+            raise UserError(f"model.path: {e.args[0]}") from None
+    model_dir = Path(path).expanduser()
+    if not model_dir.is_dir():
+        raise UserError(f"model.path: folder not found: {model_dir}")
+    return model_dir.resolve()
+
+
+def check_stages(stages: list[Stage], partition: Partition) -> None:
+    """Every stage must hit a layer, and every hit layer must fit the stage's groups."""
+    layers = [layer for shard in partition.shards for layer in shard.linears]
+    for stage in stages:
+        hits = [layer for layer in layers if stage.applies_to(layer.name)]
+        where = f"stages.{stage.index}"
+        if not hits:
+            raise UserError(f"key '{where}.targets': matches no Linear layer in the transformer blocks "
+                            f"(e.g. {layers[0].name if layers else 'none'})")
+        quantizes = getattr(stage.params, "bits", None) is not None  # SparseGPT prunes only without bits
+        group = stage.params.group_size if quantizes else -1
+        n_m = getattr(stage.params, "n_m", None)
+        for layer in hits:
+            if group != -1 and layer.in_features % group:
+                raise UserError(f"key '{where}.group_size': {group} does not divide the {layer.in_features} "
+                                f"input features of {layer.name}")
+            if n_m and layer.in_features % n_m[1]:
+                raise UserError(f"key '{where}.pattern': M={n_m[1]} does not divide the {layer.in_features} "
+                                f"input features of {layer.name}")
+
+
+def check_recover(recipe: Recipe, partition: Partition) -> None:
+    """The recover stage distils a causal LM's Linear layers; say so before anything runs."""
+    if not recipe.config.recover.enabled:
+        return
+    if partition.task != CAUSAL_LM:
+        raise UserError("recover.enabled: recovery distils next-token distributions; "
+                        f"{partition.architecture} is not a causal LM")
+    transposed = [l.name for s in partition.shards for l in s.linears
+                  if l.transposed and any(st.applies_to(l.name) for st in recipe.stages)]
+    if transposed:
+        raise UserError(f"recover.enabled: Conv1D layers (e.g. {transposed[0]}) are not packed in the export, "
+                        "so their grids cannot be kept through recovery; not supported yet")
+
+
+def recover_data(cfg) -> CalibrationDataConfig:
+    """The recover stage's training windows: the calibration source, its own count, length and seed."""
+    r = cfg.recover
+    return CalibrationDataConfig(source=cfg.data.calibration.source, num_samples=r.num_samples, seq_len=r.seq_len,
+                                 seed=cfg.data.calibration.seed + 1, batch_size=r.batch_size)
+
+
+def read_data(recipe: Recipe, model_dir: Path, partition: Partition) -> tuple[Calibration | None, torch.Tensor | None]:
+    """The token windows the run needs, read now so that data problems surface before Ray starts:
+    -> (calibration windows if a stage needs them, the recover stage's windows if enabled). The
+    evaluation data is only checked here; the evaluation task reads it again in its own process."""
+    cfg = recipe.config
+    needs_calibration = any(s.technique.needs_calibration for s in recipe.stages)
+    measures_perplexity = partition.task == CAUSAL_LM and cfg.data.eval.enabled
+    if partition.task != CAUSAL_LM and cfg.data.eval.enabled:
+        eval_sentences(cfg.data.eval)
+    if not (needs_calibration or measures_perplexity or cfg.recover.enabled):
+        return None, None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    calibration = calibration_windows(tokenizer, cfg.data.calibration) if needs_calibration else None
+    if measures_perplexity:
+        eval_windows(tokenizer, cfg.data.eval)
+    recover_ids = calibration_windows(tokenizer, recover_data(cfg)).input_ids if cfg.recover.enabled else None
+    return calibration, recover_ids
+
+
+def open_output(run_dir: Path, fingerprint: Fingerprint, overwrite: bool) -> ShardStore:
+    """The run's store, unless the run folder already holds a complete run (replaced only with --overwrite)
+    or unfinished shards of a different compression (ShardStore.open refuses those)."""
+    if (run_dir / "report.json").exists() and not overwrite:
+        raise UserError(f"output: {run_dir} already holds a complete run; pass --overwrite to replace it")
+    return ShardStore.open(partial_dir(run_dir), fingerprint, overwrite)
+
+
+def check_writable(out_root: Path) -> None:
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        probe = out_root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output.dir: cannot write to {out_root} ({e.strerror})") from None
+
+
+def partial_dir(run_dir: Path) -> Path:
+    """Where a run works (and keeps its committed shards) until it completes."""
+    return run_dir.with_name(f".{run_dir.name}.partial")

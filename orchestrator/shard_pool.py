@@ -1,0 +1,151 @@
+"""The compression actors and the shards running on them, shaped after Ray's `ray.util.ActorPool`:
+`submit` hands a shard to an idle actor, `get_next` returns the next one to finish (or fail).
+
+Calibrated runs chain activations from shard to shard. Shard k's input activations
+are an object ref known when shard k-1 is submitted (its dense outputs in parallel
+mode, its compressed outputs in sequential mode), so Ray starts shard k as soon as
+they exist, while earlier shards are still compressing. Activations never pass
+through the driver.
+
+Where a chain link is missing (shards reused from the store, or refs forgotten
+after a failure, since a lost node takes its objects with it), `input_of` rebuilds
+it: the embedding, then each earlier shard's blocks run forward (dense in parallel
+mode, the committed compressed shard in sequential mode). The same code on the
+same inputs gives the same activations, so the output bytes do not depend on faults.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayError
+
+from orchestrator.assemble import Layout
+from orchestrator.errors import RunFailed
+from orchestrator.partition import Shard, load_config
+from orchestrator.worker import CompressionWorker, ShardFiles, ShardResult
+
+log = logging.getLogger(__name__)
+
+MAX_UNAVAILABLE = 10  # per shard: "actor restarting" answers not counted as attempts, before they are
+
+
+class ShardFailed(RunFailed):
+    """A shard failed on every attempt it was allowed."""
+
+
+class Retries:
+    """Each shard gets `max_attempts` attempts (cluster.max_restarts + 1). An "actor restarting" answer
+    (ActorUnavailableError) is not counted, up to MAX_UNAVAILABLE per shard, after a short wait."""
+
+    def __init__(self, shards: list[Shard], max_attempts: int):
+        self.max_attempts = max_attempts
+        self.attempts = {s.index: 0 for s in shards}
+        self.unavailable = {s.index: 0 for s in shards}
+
+    def started(self, shard: Shard) -> None:
+        self.attempts[shard.index] += 1
+
+    def failed(self, shard: Shard, error: RayError, reason: str) -> None:
+        """Count a failed attempt; raises ShardFailed once the shard has none left."""
+        k = shard.index
+        if isinstance(error, ActorUnavailableError) and self.unavailable[k] < MAX_UNAVAILABLE:
+            self.unavailable[k] += 1
+            self.attempts[k] -= 1
+            time.sleep(0.5)
+        elif self.attempts[k] >= self.max_attempts:
+            raise ShardFailed(f"shard {k} ({', '.join(shard.modules)}) failed {self.attempts[k]} times; "
+                              f"last error: {reason}") from error
+
+
+class ShardPool:
+    """`workers` CompressionWorker actors (SPREAD over the nodes), the shards in flight on them, and the
+    activation chain between shards."""
+
+    def __init__(self, plan, gpus_per_worker: float, layout: Layout):
+        self.plan, self.layout = plan, layout
+        recipe, cluster = plan.recipe, plan.recipe.config.cluster
+        self.stages = recipe.stages
+        self.sequential = recipe.config.partition.calibration == "sequential"
+        config = load_config(plan.model_dir, recipe.config.model.trust_remote_code) if plan.calibrated else None
+        workers = min(cluster.workers, len(plan.partition.shards))
+        self.actors = [
+            CompressionWorker.options(  # SPREAD: one worker per node first, so shards use every node
+                num_cpus=cluster.cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=cluster.max_restarts,
+                scheduling_strategy="SPREAD",
+            ).remote(int(max(1, cluster.cpus_per_worker)), str(plan.model_dir), plan.partition.key_to_file, config)
+            for _ in range(workers)
+        ]
+        self.idle = list(self.actors)  # a failed shard's actor goes last, so its retry goes to another first
+        self.in_flight: dict[ray.ObjectRef, tuple[Shard, object]] = {}  # result ref -> (shard, its actor)
+        self.inputs: dict[int, ray.ObjectRef] = {}  # shard index -> its input hidden states
+        self.block_kwargs: ray.ObjectRef | None = None  # what every block is called with besides them
+
+    def has_idle(self) -> bool:
+        return bool(self.idle)
+
+    def busy(self) -> bool:
+        return bool(self.in_flight)
+
+    def submit(self, shard: Shard) -> None:
+        """Queue a shard on the first idle actor."""
+        actor = self.idle.pop(0)
+        self.in_flight[self._submit(shard, actor)] = (shard, actor)
+        log.debug("shard %d submitted to worker %d", shard.index, self.actors.index(actor))
+
+    def get_next(self, timeout: float) -> tuple[Shard, ShardResult | RayError] | None:
+        """The next shard to finish and its result, or the RayError it failed with; None after `timeout`
+        seconds without one (so the caller's loop wakes for signals)."""
+        ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
+        if not ready:
+            return None
+        shard, actor = self.in_flight.pop(ready[0])
+        self.idle.append(actor)
+        try:
+            result = ray.get(ready[0])
+        except RayError as e:
+            self.inputs.clear()  # the refs may have died with a node; later shards rebuild them
+            self.block_kwargs = None
+            return shard, e
+        self.inputs.pop(shard.index, None)  # shard k's inputs are needed by nobody now
+        return shard, result
+
+    def copy_rest(self, keys: list[str], files: ShardFiles, attempt: int = 0) -> ray.ObjectRef:
+        """The tensors outside the blocks, copied into both checkpoints by one actor (another per attempt);
+        the ref gives the bytes written."""
+        return self.actors[attempt % len(self.actors)].write_rest.remote(keys, files)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def input_of(self, k: int, actor) -> ray.ObjectRef:
+        """Shard k's input activations, rebuilt on `actor` from the last known link if missing."""
+        if k not in self.inputs:
+            if k == 0:  # the first block's inputs, from the embedding
+                self.inputs[0], self.block_kwargs = actor.embed.options(num_returns=2).remote(
+                    list(self.plan.partition.rest_keys), self.plan.calibration.input_ids,
+                    self.plan.recipe.config.data.calibration.batch_size)
+            else:
+                previous = self.plan.partition.shards[k - 1]
+                hidden = self.input_of(k - 1, actor)
+                source = self.layout.of_shard(previous).evaluated if self.sequential else None
+                self.inputs[k] = actor.forward.remote(previous, hidden, self.block_kwargs, source)
+        return self.inputs[k]
+
+    def _submit(self, shard: Shard, actor) -> ray.ObjectRef:
+        """-> the ref of the shard's ShardResult; for calibrated runs, the next shard's inputs are known."""
+        k, files = shard.index, self.layout.of_shard(shard)
+        compress = actor.compress.options(num_returns=2)
+        if not self.plan.calibrated:
+            return compress.remote(shard, self.stages, files)[0]
+        hidden = self.input_of(k, actor)
+        dense_out = actor.calibrate.remote(shard, hidden, self.block_kwargs, self.stages)
+        if self.sequential:
+            result, self.inputs[k + 1] = compress.remote(shard, self.stages, files, hidden, self.block_kwargs)
+        else:
+            self.inputs[k + 1] = dense_out
+            result, _ = compress.remote(shard, self.stages, files)
+        return result
