@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # on every command's own parser: `run R --quiet`
     common.add_argument("-v", "--verbose", action="count", default=0, help="debug messages, with times and modules")
     common.add_argument("-q", "--quiet", action="count", default=0,
-                        help="warnings and errors only, no progress bars")
+                        help="warnings and errors only, no progress bars (shown only on a terminal anyway)")
     p = Parser(prog="orchestrator", description="Compress Hugging Face models on Ray; measure; log to MLflow.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in (add_run, add_reference, add_cluster_commands, add_plan, add_eval, add_compare, add_sync, add_ui):
@@ -188,7 +188,7 @@ def cmd_run(args) -> int:
     recipe = load_recipe(recipe_path, overrides)  # all recipe checks, before anything heavy
     from orchestrator.plan import make_plan
 
-    progress = not args.quiet
+    progress = not args.quiet and sys.stderr.isatty()  # progress bars on a terminal, not in a log file
     plan = make_plan(recipe, overwrite=args.overwrite, progress=progress, lock=True)
     try:
         return run_plan(plan, progress)

@@ -61,7 +61,7 @@ def submit(recipe_path: str, overrides: list[str], address: str, token: str | No
     stage = Path(tempfile.mkdtemp(prefix="orchestrator-job-"))
     (stage / "recipe.yaml").write_text(recipe.yaml)
     job = dict(
-        entrypoint="python -m orchestrator.cli run recipe.yaml cluster.address=auto --quiet",
+        entrypoint="python -m orchestrator.cli run recipe.yaml cluster.address=auto",
         runtime_env={"working_dir": str(stage), "py_modules": [str(Path(__file__).resolve().parent)],
                      "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
         metadata={"recipe": recipe.run_name, "recipe_hash": recipe.hash},
