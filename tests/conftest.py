@@ -4,8 +4,10 @@ Helpers (the CLI runner, ports, hashes) live in tests/helpers.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -88,7 +90,8 @@ def shared_ray():
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head with its own temp dir and ports; token auth disabled for this test only."""
-    tmp = tmp_path_factory.mktemp("head")
+    # short: Ray's socket paths under it must fit in 107 bytes (pytest-xdist's basetemp is too deep)
+    tmp = Path(tempfile.mkdtemp(prefix="head-", dir="/tmp"))
     dashboard = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
@@ -127,3 +130,4 @@ def ray_head(tmp_path_factory):
             except psutil.Error:
                 pass
         psutil.wait_procs(list(ours), timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)

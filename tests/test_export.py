@@ -37,7 +37,7 @@ ENCODERS = {"bert", "minilm"}
 def write_recipe(path, model_dir, stages, name):
     path.write_text(yaml.safe_dump({
         "name": name, "model": {"path": str(model_dir)}, "stages": stages,
-        "data": {"eval": {"enabled": False}}, "tracking": {"enabled": False}, "cluster": {"workers": 2},
+        "data": {"eval": {"enabled": False}}, "tracking": {"enabled": False}, "cluster": {"workers": 1},
     }))
     return path
 

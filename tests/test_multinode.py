@@ -6,7 +6,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 from orchestrator.checkpoint import file_sha256
 from orchestrator.cli import main
 
@@ -65,7 +65,8 @@ def test_recovery_workers_on_two_nodes_give_the_bytes_of_one_node(micro_lm, tmp_
     recipe = str(REPO / "recipes" / "sparsegpt-2of4-w4g128-recover.yaml")
     args = ["run", recipe, f"model.path={micro_lm}", f"output.dir={tmp_path}", *SMALL, "recover.steps=3",
             "recover.lr=0.01", "recover.num_samples=8", "recover.seq_len=32", "recover.batch_size=2", "--quiet"]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                          "dashboard_port": free_port()})  # 8265 may be taken
     cluster.add_node(num_cpus=1)  # one CPU per node: the two training workers must use both
     try:
         ray.init(address=cluster.address, logging_level="WARNING")
