@@ -77,8 +77,8 @@ class Layout:
 
 
 def shard_record(shard: Shard, result: ShardResult, attempts: int) -> dict:
-    """A finished shard as report.json lists it."""
-    return {
+    """A finished shard as report.json lists it (with its experts' calibration tokens in MoE blocks)."""
+    record = {
         "index": shard.index,
         "modules": shard.modules,
         "seconds": round(result.seconds, 3),
@@ -89,6 +89,9 @@ def shard_record(shard: Shard, result: ShardResult, attempts: int) -> dict:
         "error": {m.name: m.relative_error for m in result.layers},
         "layers": [vars(m) for m in result.layers],
     }
+    if result.experts:
+        record["experts"] = result.experts
+    return record
 
 
 def shard_commit(shard: Shard, result: ShardResult, attempts: int) -> dict:
@@ -132,7 +135,12 @@ def finish_evaluated(plan, compressed: Compressed) -> None:
 def finish_export_folder(plan, compressed: Compressed) -> dict:
     """model/: index, config with the quantization_config, manifest. -> the sizes the report gives."""
     config = load_config(plan.model_dir, plan.recipe.config.model.trust_remote_code)
-    all_linears = linear_modules(skeleton(config, plan.recipe.config.model.trust_remote_code))
+    # every weight matrix a loader may quantize: the Linear modules, and the experts and routers by their
+    # names in the checkpoint too (vLLM's: a router is a Linear there); those left dense go in `ignore`
+    extra = [name for s in plan.partition.shards for l in s.linears if l.expert or l.router
+             for name in (l.name, l.weight_key.removesuffix(".weight"))]
+    all_linears = list(dict.fromkeys(linear_modules(skeleton(config, plan.recipe.config.model.trust_remote_code))
+                                     + extra))
     export = compressed.export
     fmt = finish_export(compressed.evaluated.folder, export.folder, export.weight_map, export.tensor_bytes,
                         compressed.quantized, all_linears)

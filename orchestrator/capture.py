@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.initialization import no_init_weights
-from transformers.pytorch_utils import Conv1D
 
+from orchestrator.experts import RECORDER, CheckpointLayout, ExpertRecorder, is_experts_module, with_capture
 from orchestrator.partition import CAUSAL_LM, LinearLayer, Shard, find_blocks, task_of
 from orchestrator.techniques.hessian import accumulate_hessian
 
@@ -89,64 +89,122 @@ def capture_block_inputs(config: PretrainedConfig, stem_tensors: dict[str, torch
     return inputs
 
 
-def build_blocks(config: PretrainedConfig, shard: Shard, tensors: dict[str, torch.Tensor],
-                 block_class: type) -> nn.ModuleList:
+@dataclass(frozen=True)
+class BlockKind:
+    """What building a model's blocks on their own takes, made once per worker."""
+
+    config: PretrainedConfig  # the model's, its experts running experts.capture_experts
+    block_class: type
+    layout: CheckpointLayout  # checkpoint names -> the block's own
+
+
+def block_kind(config: PretrainedConfig) -> BlockKind:
+    with torch.device("meta"):
+        model = _auto_class(config).from_config(config)
+    return BlockKind(with_capture(config), type(find_blocks(model)[1][0]), CheckpointLayout(model))
+
+
+def build_blocks(kind: BlockKind, shard: Shard, tensors: dict[str, torch.Tensor]) -> nn.ModuleList:
     """The shard's blocks as real modules holding the given tensors (checkpoint keys)."""
     blocks = nn.ModuleList()
+    module_state = kind.layout.to_module(tensors)
     for b in shard.blocks:
         with no_init_weights():
-            block = block_class(config, layer_idx=b)
+            block = kind.block_class(kind.config, layer_idx=b)
         marker = f"{shard.block_prefix}.{b}."
-        state = {k.split(marker, 1)[1]: t for k, t in tensors.items() if marker in k}
-        block.load_state_dict(state, strict=True, assign=True)
+        state = {k.split(marker, 1)[1]: t for k, t in module_state.items() if marker in k}
+        missing, unexpected = block.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if k in dict(block.named_parameters())]  # a buffer may keep its own value
+        if missing or unexpected:
+            raise RuntimeError(f"block {b}: the shard's tensors do not fit {kind.block_class.__name__} "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         blocks.append(block.eval())
     return blocks
 
 
-def block_class_of(config: PretrainedConfig) -> type:
-    with torch.device("meta"):
-        model = _auto_class(config).from_config(config)
-    return type(find_blocks(model)[1][0])
-
-
-# Layer names whose inputs are one tensor in the architectures we know (q/k/v or query/key/value; gate/up)
+# Layer names whose inputs are one tensor in the architectures we know (q/k/v or query/key/value; gate/up;
+# the low-rank q/kv projections of multi-head latent attention, DeepSeek's)
 SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv", "key": "qkv", "value": "qkv",
-                "gate_proj": "gate_up", "up_proj": "gate_up"}
+                "gate_proj": "gate_up", "up_proj": "gate_up", "q_a_proj": "qkv_a", "kv_a_proj_with_mqa": "qkv_a"}
 
 
 def expected_input_groups(layers: list[LinearLayer]) -> dict[tuple[str, str], list[LinearLayer]]:
     """The groups of layers `run_blocks` will find reading one input (one H each), predicted from names:
-    (parent module, shared-input name) -> its layers."""
+    (parent module, shared-input name) -> its layers. An expert's projections group by what they read."""
     groups: dict[tuple[str, str], list[LinearLayer]] = {}
     for layer in layers:
-        parent, leaf = layer.name.rsplit(".", 1)
-        groups.setdefault((parent, SHARED_INPUT.get(leaf, leaf)), []).append(layer)
+        if layer.expert is not None:
+            key = (layer.expert.module, f"{layer.expert.expert}.{layer.expert.input_of}")
+        else:
+            parent, leaf = layer.name.rsplit(".", 1)
+            key = (parent, SHARED_INPUT.get(leaf, leaf))
+        groups.setdefault(key, []).append(layer)
     return groups
 
 
 @dataclass
 class HessianSet:
-    """Running H per group of Linears that share an input."""
+    """Running H per group of layers that share an input, and the tokens each expert was sent."""
 
     groups: dict[str, list[str]] = field(default_factory=dict)  # group leader -> member layer names
     H: dict[str, torch.Tensor] = field(default_factory=dict)  # leader -> [in, in] float32
-    n: dict[str, int] = field(default_factory=dict)
+    n: dict[str, int] = field(default_factory=dict)  # leader -> tokens in H
+    expert_tokens: dict[str, dict[int, int]] = field(default_factory=dict)  # experts module -> expert -> tokens
+
+    def leader(self, layer_name: str) -> str | None:
+        return next((leader for leader, members in self.groups.items() if layer_name in members), None)
 
     def of(self, layer_name: str) -> torch.Tensor | None:
-        for leader, members in self.groups.items():
-            if layer_name in members:
-                return self.H.get(leader)
-        return None
+        """The layer's H. No token reached it (an expert the router never chose): the identity, every input
+        weighing the same, so GPTQ rounds to nearest and SparseGPT / Wanda prune by magnitude."""
+        leader = self.leader(layer_name)
+        if leader is None or leader not in self.H:
+            return None
+        if self.n[leader] == 0:
+            return torch.eye(len(self.H[leader]), dtype=self.H[leader].dtype, device=self.H[leader].device)
+        return self.H[leader]
+
+    def fold(self, leader: str, members: list[str], x: torch.Tensor) -> None:
+        """x [..., in], read by every layer in members, into the group's H."""
+        self.groups.setdefault(leader, [])
+        self.groups[leader] += [m for m in members if m not in self.groups[leader]]
+        self.H[leader], self.n[leader] = accumulate_hessian(self.H.get(leader), self.n.get(leader, 0), x)
 
 
-def _linear_modules(blocks: nn.ModuleList, shard: Shard, names: set[str]) -> dict[str, nn.Module]:
+def _hooked_modules(blocks: nn.ModuleList, shard: Shard, names: set[str]) -> dict[str, nn.Module]:
+    """The modules of `names` (Linear layers, routers) in the built blocks."""
     by_name = {}
     for b, block in zip(shard.blocks, blocks):
         for mname, module in block.named_modules():
             full = f"{shard.block_prefix}.{b}.{mname}"
-            if full in names and isinstance(module, (nn.Linear, Conv1D)):
+            if full in names:
                 by_name[full] = module
     return by_name
+
+
+def _attach_recorders(blocks: nn.ModuleList, shard: Shard, experts: list[LinearLayer], hessians: HessianSet,
+                      all_tokens: dict[str, frozenset[int]] | None) -> list[nn.Module]:
+    """An ExpertRecorder on every experts module of the blocks, folding the inputs of the wanted experts'
+    projections into `hessians`; -> the modules (to detach them afterwards)."""
+    wanted: dict[tuple[str, int, str], list[str]] = {}  # (module, expert, input) -> layer names
+    for layer in experts:
+        wanted.setdefault((layer.expert.module, layer.expert.expert, layer.expert.input_of), []).append(layer.name)
+    modules = []
+    for b, block in zip(shard.blocks, blocks):
+        for mname, module in block.named_modules():
+            if not is_experts_module(module):
+                continue
+            full = f"{shard.block_prefix}.{b}.{mname}"
+
+            def on_input(expert: int, input_name: str, x: torch.Tensor, full=full) -> None:
+                members = wanted.get((full, expert, input_name))
+                if members:
+                    hessians.fold(members[0], members, x)
+
+            chosen = None if all_tokens is None else all_tokens.get(full, frozenset())
+            setattr(module, RECORDER, ExpertRecorder(on_input, chosen))
+            modules.append((full, module))
+    return modules
 
 
 def to_device(value, device: torch.device):
@@ -163,11 +221,17 @@ def to_device(value, device: torch.device):
 @torch.no_grad()
 def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None = None,
                collect: list[LinearLayer] = (), device: torch.device = torch.device("cpu"),
-               ) -> tuple[list[torch.Tensor], HessianSet]:
+               all_tokens: dict[str, frozenset[int]] | None = None) -> tuple[list[torch.Tensor], HessianSet]:
     """Hidden states through the blocks (which are on `device`); H for every layer in `collect` (shared
-    where inputs are shared), kept on `device`. The outputs come back on the CPU, for the object store."""
+    where inputs are shared), kept on `device`. The outputs come back on the CPU, for the object store.
+
+    Experts: each expert's H is accumulated over the tokens the router sent to it, and the counts are in
+    `expert_tokens`; `all_tokens` (experts module -> experts) computes those experts' H over every token
+    instead (the outputs still follow the router)."""
     hessians = HessianSet()
-    modules = _linear_modules(blocks, shard, {l.name for l in collect}) if collect else {}
+    modules = _hooked_modules(blocks, shard, {l.name for l in collect if l.expert is None}) if collect else {}
+    experts = [l for l in collect if l.expert is not None]
+    recorded = _attach_recorders(blocks, shard, experts, hessians, all_tokens) if experts else []
     # id of an input tensor in the current block's forward -> (the tensor, kept alive so its id
     # cannot be reused, and the first layer that read it)
     seen: dict[int, tuple[torch.Tensor, str]] = {}
@@ -176,11 +240,10 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
         def record(module, args, output):
             x = args[0]
             leader = seen.setdefault(id(x), (x, name))[1]
-            hessians.groups.setdefault(leader, [])
-            if name not in hessians.groups[leader]:
-                hessians.groups[leader].append(name)
             if leader == name:
-                hessians.H[name], hessians.n[name] = accumulate_hessian(hessians.H.get(name), hessians.n.get(name, 0), x)
+                hessians.fold(name, [name], x)
+            elif name not in hessians.groups[leader]:
+                hessians.groups[leader].append(name)
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in sorted(modules.items())]
@@ -196,4 +259,32 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
     finally:
         for h in handles:
             h.remove()
+        for name, module in recorded:
+            hessians.expert_tokens[name] = dict(sorted(getattr(module, RECORDER).tokens.items()))
+            delattr(module, RECORDER)
     return outputs, hessians
+
+
+def recalibrate_experts(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard, collected: list[LinearLayer],
+                        hessians: HessianSet, min_tokens: int | None, policy: str,
+                        device: torch.device = torch.device("cpu")) -> dict[str, dict]:
+    """The experts the router sent fewer than `min_tokens` calibration tokens (None: the width of their
+    input, below which H is singular) get other Hessians: `all-tokens` runs the blocks once more with
+    every token through those experts; `identity` uses H = I (recipe.ExpertsConfig says why).
+    -> experts module -> {"tokens": per expert, "min_tokens": the threshold, "under_calibrated": [experts]}."""
+    width = {l.expert.module: l.in_features for l in collected if l.expert and l.expert.input_of == "gate_up_proj"}
+    routing = {}
+    for module, counts in hessians.expert_tokens.items():
+        threshold = width.get(module, 0) if min_tokens is None else min_tokens
+        routing[module] = {"tokens": list(counts.values()), "min_tokens": threshold,
+                           "under_calibrated": [e for e, n in counts.items() if n < threshold]}
+    under = {m: frozenset(r["under_calibrated"]) for m, r in routing.items() if r["under_calibrated"]}
+    redo = [l for l in collected if l.expert and l.expert.expert in under.get(l.expert.module, ())]
+    if redo and policy == "all-tokens":
+        _, again = run_blocks(blocks, inputs, shard, redo, device, all_tokens=under)
+    for leader in {hessians.leader(l.name) for l in redo}:
+        if policy == "all-tokens":
+            hessians.H[leader], hessians.n[leader] = again.H[leader], again.n[leader]
+        else:
+            hessians.H[leader] = torch.eye(len(hessians.H[leader]), dtype=hessians.H[leader].dtype, device=device)
+    return routing

@@ -180,7 +180,8 @@ def check_export_loads(plan: Plan, compressed: Compressed) -> dict:
     task = ray.remote(num_cpus=threads)(check_loads)  # its process, libraries imported, then serves `measure`
     try:
         return ray.get(task.remote(str(compressed.export.folder), str(compressed.evaluated.folder),
-                                   plan.partition.shards[0].modules[0], plan.partition.task != CAUSAL_LM,
+                                   plan.partition.block_prefix, plan.partition.first_expert_block() + 1,
+                                   plan.partition.task != CAUSAL_LM,
                                    plan.recipe.config.model.trust_remote_code, threads))
     except RayError as e:
         cause = getattr(e, "cause", None) or e

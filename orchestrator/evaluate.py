@@ -4,7 +4,8 @@
   `seq_len` tokens, exp(total next-token NLL / predicted tokens), so every
   token weighs the same whatever the batch size; with a baseline, the KL
   divergence KL(baseline || model) of the next-token distributions, averaged
-  over the same tokens (nats per token).
+  over the same tokens (nats per token); for mixture-of-experts models, how
+  often the compressed model's routers choose the dense model's experts.
 - encoders: embedding fidelity against the baseline over held-out sentences:
   the mean cosine similarity of each sentence's mean-pooled embedding, and the
   top-k nearest-neighbour agreement (the mean fraction of a sentence's k
@@ -36,6 +37,7 @@ import transformers
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from orchestrator.data import eval_sentences, eval_windows
+from orchestrator.experts import is_experts_module
 from orchestrator.techniques.result import weight_error
 from orchestrator.recipe import EvalDataConfig
 
@@ -95,6 +97,41 @@ def perplexities(models: dict[str, torch.nn.Module], tokenizer, cfg: EvalDataCon
                             windows[0].clone(), sample[name]) for name in models}
     out["kl_nats"] = kl_sum / tokens if {"dense", "compressed"} <= models.keys() else None
     return out
+
+
+class RouterLog:
+    """The experts every MoE block's router chose for each token while a model runs: a pre-hook on each
+    experts module reads its top_k_index argument [tokens, k]."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.chosen: dict[str, list[torch.Tensor]] = {}
+        self.handles = [module.register_forward_pre_hook(self._hook(name), with_kwargs=True)
+                        for name, module in model.named_modules() if is_experts_module(module)]
+
+    def _hook(self, name: str):
+        def record(module, args, kwargs):
+            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            self.chosen.setdefault(name, []).append(top_k_index.detach().clone())
+        return record
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def router_agreement(dense: RouterLog, compressed: RouterLog) -> dict | None:
+    """Over every MoE block and evaluated token: the mean fraction of the dense router's top-k experts the
+    compressed model's router chose too (topk_agreement), and the fraction of tokens sent to exactly the
+    same experts (same_experts). None for a model without experts."""
+    overlap = same = tokens = slots = 0
+    for name, chosen in dense.chosen.items():
+        a, b = torch.cat(chosen), torch.cat(compressed.chosen[name])  # [T, k] each, same tokens in order
+        hits = (a[:, :, None] == b[:, None, :]).any(-1).sum(-1)  # [T]: experts both chose
+        overlap, same = overlap + hits.sum().item(), same + (hits == a.shape[1]).sum().item()
+        tokens, slots = tokens + a.shape[0], slots + a.numel()
+    if not tokens:
+        return None
+    return {"topk_agreement": overlap / slots, "same_experts": same / tokens, "token_blocks": tokens}
 
 
 def perplexity(model_dir: str | Path, cfg: EvalDataConfig, threads: int = 1) -> Perplexity:
@@ -173,9 +210,15 @@ def evaluate_folders(model_dir: str | Path, baseline_dir: str | Path | None, cau
     tokenizer = AutoTokenizer.from_pretrained(baseline_dir or model_dir)
     samples = None
     if causal:
+        routers = {name: RouterLog(model) for name, model in models.items()}
         result = perplexities(models, tokenizer, cfg)
+        for log in routers.values():
+            log.close()
         quality = {name: result[name].summary() if name in result else None for name in ("dense", "compressed")}
         quality["kl_nats"] = result["kl_nats"]
+        agreement = router_agreement(routers["dense"], routers["compressed"]) if "dense" in routers else None
+        if agreement:  # mixture-of-experts models only
+            quality["router"] = agreement
         samples = {name: result[name] for name in models}
     elif baseline_dir is not None:
         quality = {"dense": {"fidelity": {"cosine_mean": 1.0, "topk_agreement": 1.0}},

@@ -24,8 +24,9 @@ Every packed layer is unpacked again with the library and compared with the
 weight the run evaluated: an export that would not reproduce it raises.
 
 Before a run reports success it proves the export loads (`check_loads`): a
-one-block slice of it is loaded with transformers' from_pretrained, in a fresh
-process, and must give the logits of the same slice of the evaluated copy.
+slice of it (its first block, or up to the first block with experts) is loaded
+with transformers' from_pretrained, in a fresh process, and must give the
+logits of the same slice of the evaluated copy.
 Some families cannot load a packed layer at all (Falcon's `_init_weights` reads
 `FalconLinear.weight`, which pack-quantized layers lack); such a run fails
 rather than deliver a checkpoint nobody can open.
@@ -180,16 +181,17 @@ def write_manifest(folder: Path) -> None:
 LOAD_CHECK_TOLERANCE = 1e-4  # max |logit difference| / max |logit| between the export and the evaluated copy
 
 
-def one_block_slice(model_dir: Path, dest: Path, keep, trust_remote_code: bool) -> None:
-    """dest: model_dir cut down to its first block (config with one layer; the kept tensors in one file)."""
+def block_slice(model_dir: Path, dest: Path, keep, blocks: int, trust_remote_code: bool) -> None:
+    """dest: model_dir cut down to its first `blocks` blocks (config with that many layers; the kept
+    tensors in one file)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     layers = config.num_hidden_layers
-    for name, value in config.to_dict().items():  # per-layer settings (e.g. layer_types): the first layer's
+    for name, value in config.to_dict().items():  # per-layer settings (e.g. layer_types): the kept layers'
         if isinstance(value, list) and len(value) == layers and layers > 1 and hasattr(config, name):
-            setattr(config, name, value[:1])
-    config.num_hidden_layers = 1
+            setattr(config, name, value[:blocks])
+    config.num_hidden_layers = blocks
     config.save_pretrained(dest)
     weight_map = json.loads((model_dir / INDEX_NAME).read_text())["weight_map"]
     keys = [k for k in weight_map if keep(k)]
@@ -197,12 +199,13 @@ def one_block_slice(model_dir: Path, dest: Path, keep, trust_remote_code: bool) 
     save_file(read_keys(model_dir, keys, weight_map), str(dest / "model.safetensors"), metadata={"format": "pt"})
 
 
-def check_loads(export_dir: str, evaluated_dir: str, first_block: str, encoder: bool, trust_remote_code: bool,
-                threads: int) -> dict:
+def check_loads(export_dir: str, evaluated_dir: str, block_prefix: str, blocks: int, encoder: bool,
+                trust_remote_code: bool, threads: int) -> dict:
     """Proof, for a model of any size, that transformers loads the export and computes what the run
-    evaluated: the embeddings, head and first block of each checkpoint, as a one-layer model, loaded with
-    from_pretrained (every tensor must be used, none missing) and run on 16 tokens. -> {"max_logit_error"}
-    (relative). Raises RuntimeError naming transformers' own error when the export does not load or differs.
+    evaluated: the embeddings, head and first `blocks` blocks of each checkpoint (one, or up to the first
+    that holds experts), as a smaller model, loaded with from_pretrained (every tensor must be used, none
+    missing) and run on 16 tokens. -> {"max_logit_error"} (relative). Raises RuntimeError naming
+    transformers' own error when the export does not load or differs.
     Runs in a fresh process (a Ray task): the driver holds no weights."""
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging
@@ -210,16 +213,16 @@ def check_loads(export_dir: str, evaluated_dir: str, first_block: str, encoder: 
     logging.set_verbosity_error()  # no load report on the user's terminal: the check answers for itself
     torch.set_num_threads(threads)
     auto = AutoModel if encoder else AutoModelForCausalLM
-    block_keys = first_block.rsplit(".", 1)[0] + "."  # e.g. model.layers.
 
-    def keep(key: str) -> bool:
-        return not key.startswith(block_keys) or key.startswith(first_block + ".")
+    def keep(key: str) -> bool:  # key names a block: block_prefix.<b>.<...>
+        inside = key.split(block_prefix + ".", 1)
+        return len(inside) == 1 or not inside[1].split(".", 1)[0].isdigit() or int(inside[1].split(".", 1)[0]) < blocks
 
     outputs = {}
     with tempfile.TemporaryDirectory(prefix="load-check-") as tmp:
         for name, folder in (("export", export_dir), ("evaluated", evaluated_dir)):
             dest = Path(tmp) / name
-            one_block_slice(Path(folder), dest, keep, trust_remote_code)
+            block_slice(Path(folder), dest, keep, blocks, trust_remote_code)
             try:
                 model, info = auto.from_pretrained(dest, trust_remote_code=trust_remote_code, dtype="auto",
                                                    output_loading_info=True)
@@ -236,4 +239,5 @@ def check_loads(export_dir: str, evaluated_dir: str, first_block: str, encoder: 
     if not error <= LOAD_CHECK_TOLERANCE:
         raise RuntimeError(f"loaded, its first block gives other outputs than the evaluated copy "
                            f"(relative error {error:.3g} > {LOAD_CHECK_TOLERANCE})")
-    return {"max_logit_error": error, "slice": f"embeddings, head and {first_block}"}
+    kept = f"{block_prefix}.0" if blocks == 1 else f"{block_prefix}.0-{blocks - 1}"
+    return {"max_logit_error": error, "slice": f"embeddings, head and {kept}"}

@@ -2,8 +2,11 @@
 
 Works on a skeleton on the meta device (no weights are read): the blocks are
 the longest `nn.ModuleList` of same-class modules; their Linear (and GPT-2
-Conv1D) layers are what the stages compress. Everything else (embeddings,
-final norm, head) stays apart and is copied through unchanged.
+Conv1D) layers, and in mixture-of-experts blocks each expert's projections, are
+what the stages compress. Everything else (embeddings, final norm, head) stays
+apart and is copied through unchanged. Names are read through transformers'
+conversion mapping (experts.py), so checkpoints whose tensor names differ from
+the module tree (one tensor per expert on disk, fused in memory) plan the same.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers.pytorch_utils import Conv1D
 
 from orchestrator.errors import UserError
+from orchestrator.experts import CheckpointLayout, ExpertSlice, check_supported, expert_slices, is_experts_module, routers
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -26,11 +30,15 @@ ENCODER = "encoder"
 
 @dataclass(frozen=True)
 class LinearLayer:
-    name: str  # full module name, e.g. model.layers.0.self_attn.q_proj
+    """A weight matrix the stages can compress: a Linear module, one projection of one expert, or a router."""
+
+    name: str  # full module name, e.g. model.layers.0.self_attn.q_proj; an expert's: its checkpoint name
     weight_key: str  # its weight's key in the checkpoint
     in_features: int
     out_features: int
     transposed: bool  # GPT-2 Conv1D stores weight as [in, out]
+    expert: ExpertSlice | None = None  # where an expert's matrix lives in its fused parameter
+    router: bool = False  # weighs the experts (left dense unless a stage's targets name it)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,11 @@ class Partition:
     rest_keys: tuple[str, ...]  # checkpoint keys outside the blocks (embeddings, norms, head)
     key_to_file: dict[str, str]  # checkpoint key -> safetensors file name
     num_params: int
+
+    def first_expert_block(self) -> int:
+        """The first block that holds experts (0 when none does)."""
+        return next((b for shard in self.shards for b in shard.blocks
+                     for layer in shard.linears if layer.expert and layer.name.startswith(f"{self.block_prefix}.{b}.")), 0)
 
 
 def load_config(model_dir: Path, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -135,11 +148,12 @@ def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: b
     model = skeleton(config, trust_remote_code)
     block_prefix, blocks = find_blocks(model)
     prefix = getattr(model, "base_model_prefix", "")
+    layout = CheckpointLayout(model)
 
-    def key_of(param_name: str) -> str:
-        key = checkpoint_key(param_name, key_to_file, prefix)
-        if key is None:
-            raise UserError(f"model.path: the checkpoint has no tensor for {param_name}")
+    def key_of(name: str, required: bool = True) -> str | None:
+        key = checkpoint_key(name, key_to_file, prefix)
+        if key is None and required:
+            raise UserError(f"model.path: the checkpoint has no tensor for {name}")
         return key
 
     block_keys: set[str] = set()
@@ -148,15 +162,9 @@ def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: b
         ids = tuple(range(start, min(start + blocks_per_shard, len(blocks))))
         keys, linears = [], []
         for b in ids:
-            block_name = f"{block_prefix}.{b}"
-            for pname, _ in blocks[b].named_parameters():
-                keys.append(key_of(f"{block_name}.{pname}"))
-            for mname, module in blocks[b].named_modules():
-                if isinstance(module, (nn.Linear, Conv1D)):
-                    full = f"{block_name}.{mname}"
-                    transposed = isinstance(module, Conv1D)
-                    out_f, in_f = module.weight.shape[::-1] if transposed else module.weight.shape
-                    linears.append(LinearLayer(full, key_of(f"{full}.weight"), in_f, out_f, transposed))
+            block_keys_b, linears_b = block_layers(blocks[b], f"{block_prefix}.{b}", layout, key_of)
+            keys += block_keys_b
+            linears += linears_b
         block_keys.update(keys)
         shards.append(Shard(index, ids, block_prefix, tuple(keys), tuple(linears)))
     rest = tuple(sorted(k for k in key_to_file if k not in block_keys))
@@ -170,3 +178,39 @@ def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: b
         key_to_file=key_to_file,
         num_params=sum(p.numel() for p in model.parameters()),
     )
+
+
+def block_layers(block: nn.Module, block_name: str, layout: CheckpointLayout,
+                 key_of) -> tuple[list[str], list[LinearLayer]]:
+    """One block -> (its checkpoint keys, its compressible layers in module order): the Linear (Conv1D)
+    modules, every expert's projections (2D tensors in the checkpoint, slices of a fused parameter in the
+    module tree; expert by expert), and the routers (flagged, so the default targets leave them alone)."""
+    keys, weight_key, experts = [], {}, {}  # weight_key: parameters stored whole -> their checkpoint key
+    params = dict(block.named_parameters())
+    for pname, param in block.state_dict(keep_vars=True).items():  # parameters and persistent buffers
+        full = f"{block_name}.{pname}"
+        slices = expert_slices(layout, full, param)
+        names = list(slices) or list(layout.to_checkpoint({full: param}))
+        if pname not in params and not all(key_of(n, required=False) for n in names):
+            continue  # a buffer the checkpoint does not store keeps the value the block is built with
+        keys += [key_of(n) for n in names]
+        if slices:
+            experts[full] = [LinearLayer(n.removesuffix(".weight"), key_of(n), param.shape[2], s.stop - s.start,
+                                         False, expert=s) for n, s in slices.items()]
+        elif len(names) == 1:
+            weight_key[full] = key_of(names[0])
+    gates = routers(block, block_name)
+    linears = []
+    for mname, module in block.named_modules():
+        full = f"{block_name}.{mname}"
+        if is_experts_module(module):
+            check_supported(full, module)
+            params = [f"{full}.{p}" for p, _ in module.named_parameters()]
+            own = [layer for p in params for layer in experts.get(p, [])]
+            linears += sorted(own, key=lambda l: (l.expert.expert, params.index(l.expert.param), l.expert.start))
+        elif (isinstance(module, (nn.Linear, Conv1D)) or full in gates) and f"{full}.weight" in weight_key:
+            transposed = isinstance(module, Conv1D)
+            out_f, in_f = module.weight.shape[::-1] if transposed else module.weight.shape
+            linears.append(LinearLayer(full, weight_key[f"{full}.weight"], in_f, out_f, transposed,
+                                       router=full in gates))
+    return keys, linears

@@ -94,7 +94,7 @@ def check_stages(stages: list[Stage], partition: Partition) -> None:
     """Every stage must hit a layer, and every hit layer must fit the stage's groups."""
     layers = [layer for shard in partition.shards for layer in shard.linears]
     for stage in stages:
-        hits = [layer for layer in layers if stage.applies_to(layer.name)]
+        hits = [layer for layer in layers if stage.applies_to(layer.name, layer.router)]
         where = f"stages.{stage.index}"
         if not hits:
             raise UserError(f"key '{where}.targets': matches no Linear layer in the transformer blocks "
@@ -119,7 +119,12 @@ def check_recover(recipe: Recipe, partition: Partition) -> None:
         raise UserError("recover.enabled: recovery distils next-token distributions; "
                         f"{partition.architecture} is not a causal LM")
     transposed = [l.name for s in partition.shards for l in s.linears
-                  if l.transposed and any(st.applies_to(l.name) for st in recipe.stages)]
+                  if l.transposed and any(st.applies_to(l.name, l.router) for st in recipe.stages)]
+    experts = [l.name for s in partition.shards for l in s.linears
+               if l.expert is not None and any(st.applies_to(l.name, l.router) for st in recipe.stages)]
+    if experts:
+        raise UserError(f"recover.enabled: experts' weights (e.g. {experts[0]}) are slices of fused parameters, "
+                        "which the recover stage does not train; not supported yet")
     if transposed:
         raise UserError(f"recover.enabled: Conv1D layers (e.g. {transposed[0]}) are not packed in the export, "
                         "so their grids cannot be kept through recovery; not supported yet")
@@ -145,7 +150,11 @@ def read_data(recipe: Recipe, model_dir: Path, partition: Partition) -> tuple[Ca
         return None, None
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    except (ValueError, OSError) as e:  # no tokenizer files, or none transformers can build
+        raise UserError(f"model.path: cannot load a tokenizer from {model_dir} (calibration and perplexity "
+                        f"need one): {str(e).strip().splitlines()[0]}") from None
     calibration = calibration_windows(tokenizer, cfg.data.calibration) if needs_calibration else None
     if measures_perplexity:
         eval_windows(tokenizer, cfg.data.eval)

@@ -23,10 +23,11 @@ def _save(fig, path: Path) -> None:
 
 
 def _short(name: str) -> str:
-    """model.layers.3.self_attn.q_proj -> 3.q_proj"""
+    """model.layers.3.self_attn.q_proj -> 3.q_proj; model.layers.3.mlp.experts.7.gate_proj -> 3.e7.gate_proj"""
     parts = name.split(".")
-    block = next((p for p in parts if p.isdigit()), "")
-    return f"{block}.{parts[-1]}"
+    numbers = [p for p in parts if p.isdigit()]
+    expert = f"e{numbers[1]}." if len(numbers) > 1 and "experts" in parts else ""
+    return f"{numbers[0] if numbers else ''}.{expert}{parts[-1]}"
 
 
 def run_plots(report: dict, folder: Path) -> list[Path]:
@@ -66,7 +67,27 @@ def run_plots(report: dict, folder: Path) -> list[Path]:
     ax.set_title(f"{report['run']['name']}: time per shard")
     ax.legend(fontsize=7)
     _save(fig, folder / "shard_time.png")
-    return [folder / name for name in PLOT_FILES]
+    return [folder / name for name in PLOT_FILES] + expert_token_plots(report, folder)
+
+
+def expert_token_plots(report: dict, folder: Path) -> list[Path]:
+    """MoE runs with calibration: per experts module, the calibration tokens the router sent to each expert,
+    the under-calibrated ones in orange, with the threshold -> expert_tokens-<module>.png each."""
+    moe = report.get("experts") or {}
+    paths = []
+    for module, routing in (moe.get("routing") or {}).items():
+        tokens, low = routing["tokens"], set(routing["under_calibrated"])
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.18 * len(tokens)), 3.2))
+        ax.bar(range(len(tokens)), tokens, color=["tab:orange" if e in low else "tab:blue" for e in range(len(tokens))])
+        ax.axhline(routing["min_tokens"], color="k", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("calibration tokens routed")
+        ax.set_title(f"{module}: {len(low)} of {len(tokens)} experts under {routing['min_tokens']} tokens "
+                     f"({moe['under_calibrated_policy']})", fontsize=8)
+        path = folder / f"expert_tokens-{module}.png"
+        _save(fig, path)
+        paths.append(path)
+    return paths
 
 
 def pareto_plot(points: list[dict], dense: dict, quality_label: str, lower_is_better: bool, path: Path) -> Path:

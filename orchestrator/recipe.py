@@ -108,6 +108,27 @@ class PartitionConfig:
                 (self.calibration in ("parallel", "sequential"), "calibration", "must be parallel or sequential"))
 
 
+UNDER_CALIBRATED = ("all-tokens", "identity")
+
+
+@dataclass
+class ExpertsConfig:
+    """Mixture-of-experts blocks (experts.py). An expert the router sent fewer than `min_tokens`
+    calibration tokens is under-calibrated: its Hessian from those few tokens is singular (rank <= tokens).
+    all-tokens: its Hessians are computed from every calibration token, as if the router had sent them all
+    (the block's output still follows the router); identity: H = I, so GPTQ rounds to nearest and
+    SparseGPT / Wanda prune by magnitude. An expert that got no token at all is never left with H = 0."""
+
+    min_tokens: Optional[int] = None  # None: the block's hidden size (the width of the experts' input)
+    under_calibrated: str = "all-tokens"  # all-tokens | identity
+
+    def __post_init__(self):
+        require("experts",
+                (self.min_tokens is None or self.min_tokens >= 0, "min_tokens", "must be >= 0 (or null: the hidden size)"),
+                (self.under_calibrated in UNDER_CALIBRATED, "under_calibrated",
+                 f"must be one of {', '.join(UNDER_CALIBRATED)}"))
+
+
 @dataclass
 class RecoverConfig:
     """The recover stage: distillation of the compressed model against the dense one (recover.py)."""
@@ -197,6 +218,7 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)  # mixture-of-experts blocks only
     stages: list[Any] = field(default_factory=list)  # checked by `parse_stage`
     recover: RecoverConfig = field(default_factory=RecoverConfig)  # distillation after the stages (recover.py)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -218,8 +240,11 @@ class Stage:
     targets: list[str]  # regexes searched in each Linear's full module name
     ignore: list[str]
 
-    def applies_to(self, module_name: str) -> bool:
-        return any(re.search(t, module_name) for t in self.targets) and not any(
+    def applies_to(self, module_name: str, router: bool = False) -> bool:
+        """A target matches and no ignore does. A router (the weights that choose a token's experts) only
+        when a target names it: a pattern that matches any name, as the default '.*' does, does not."""
+        targets = [t for t in self.targets if not (router and re.search(t, "") is not None)]
+        return any(re.search(t, module_name) for t in targets) and not any(
             re.search(i, module_name) for i in self.ignore
         )
 

@@ -86,9 +86,37 @@ def build(result: RunResult) -> dict:
         "store": {"shards_reused": result.compressed.reused, "shards_computed": result.compressed.computed,
                   "retries": result.retries},
     }
+    moe = experts_summary(plan, shards)
+    if moe:
+        data["experts"] = moe
     if result.recovery:
         data["recover"] = result.recovery | {"perplexity_after": (result.quality.get("compressed") or {}).get("perplexity")}
     return data
+
+
+def experts_summary(plan, shards: list[dict]) -> dict | None:
+    """Mixture-of-experts models: what was compressed, the routers left dense, and (calibrated runs) the
+    calibration tokens the router sent to each expert, per experts module. None for dense models."""
+    layers = [layer for shard in plan.partition.shards for layer in shard.linears]
+    experts = [layer for layer in layers if layer.expert]
+    if not experts:
+        return None
+    compressed = {layer["name"] for shard in shards for layer in shard["layers"]}
+    routing = {module: r for shard in shards for module, r in shard.get("experts", {}).items()}
+    tokens = [n for r in routing.values() for n in r["tokens"]]
+    cfg = plan.recipe.config.experts
+    return {
+        "expert_matrices": len(experts),
+        "expert_matrices_compressed": sum(layer.name in compressed for layer in experts),
+        "routers": sorted(layer.name for layer in layers if layer.router),
+        "routers_compressed": sorted(layer.name for layer in layers if layer.router and layer.name in compressed),
+        "min_tokens": cfg.min_tokens,
+        "under_calibrated_policy": cfg.under_calibrated,
+        "under_calibrated": sum(len(r["under_calibrated"]) for r in routing.values()),
+        "tokens_per_expert": {"min": min(tokens), "mean": round(sum(tokens) / len(tokens), 1),
+                              "max": max(tokens)} if tokens else None,
+        "routing": routing or None,
+    }
 
 
 def memory(plan, shards: list[dict], driver_peak_rss: int) -> dict:

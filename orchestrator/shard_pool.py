@@ -142,7 +142,7 @@ class ShardPool:
         if not self.plan.calibrated:
             return compress.remote(shard, self.stages, files)[0]
         hidden = self.input_of(k, actor)
-        dense_out = actor.calibrate.remote(shard, hidden, self.block_kwargs, self.stages)
+        dense_out = actor.calibrate.remote(shard, hidden, self.block_kwargs, self.stages, self.plan.recipe.config.experts)
         if self.sequential:
             result, self.inputs[k + 1] = compress.remote(shard, self.stages, files, hidden, self.block_kwargs)
         else:

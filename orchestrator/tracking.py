@@ -41,6 +41,11 @@ def metrics_of(report: dict) -> dict[str, float]:
         m[f"cost.{key}"] = value
     for key, value in (report.get("store") or {}).items():
         m[f"store.{key}"] = value
+    if moe := report.get("experts"):
+        m["experts.matrices_compressed"] = moe["expert_matrices_compressed"]
+        m["experts.under_calibrated"] = moe["under_calibrated"]
+        for key, value in (moe["tokens_per_expert"] or {}).items():
+            m[f"experts.tokens_{key}"] = value
     if recover := report.get("recover"):
         m["recover.perplexity_before"] = recover["perplexity_before"]
         m["recover.perplexity_after"] = recover["perplexity_after"]
@@ -56,6 +61,9 @@ def quality_speed_metrics(q: dict, speed: dict | None) -> dict:
         if q.get(which) and "perplexity" in q[which]:
             m[f"quality.{which}.perplexity"] = q[which]["perplexity"]
             m[f"quality.{which}.nll_nats"] = q[which]["nll"]
+    if router := q.get("router"):
+        m["quality.router.topk_agreement"] = router["topk_agreement"]
+        m["quality.router.same_experts"] = router["same_experts"]
     fid = (q.get("compressed") or {}).get("fidelity")
     if fid:
         m["quality.fidelity.cosine_mean"] = fid["cosine_mean"]

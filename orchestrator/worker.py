@@ -19,11 +19,12 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.capture import BlockInputs, HessianSet, block_class_of, build_blocks, capture_block_inputs, run_blocks
+from orchestrator.capture import (BlockInputs, HessianSet, block_kind, build_blocks, capture_block_inputs,
+                                  recalibrate_experts, run_blocks)
 from orchestrator.checkpoint import read_keys, write_tensors
 from orchestrator.export import QuantizedLayer, pack_shard, scheme_of
 from orchestrator.partition import LinearLayer, Shard
-from orchestrator.recipe import Stage
+from orchestrator.recipe import ExpertsConfig, Stage
 from orchestrator.techniques.grid import QuantParams
 from orchestrator.techniques.result import weight_error
 
@@ -67,11 +68,13 @@ class ShardResult:
     export_bytes: int = 0
     quantized: list[QuantizedLayer] = field(default_factory=list)  # the layers packed in the export
     packed_bytes: int = 0  # their bytes in the export (integers, scales, zeros, shapes)
+    # experts module -> {"tokens": calibration tokens routed to each expert, "min_tokens", "under_calibrated"}
+    experts: dict[str, dict] = field(default_factory=dict)
 
 
 def compress_layer(
     W: torch.Tensor, name: str, stages: list[Stage], H: torch.Tensor | None = None,
-    storage_dtype: torch.dtype = torch.float32,
+    storage_dtype: torch.dtype = torch.float32, router: bool = False,
 ) -> tuple[torch.Tensor, LayerMetrics, QuantParams | None]:
     """W [out, in] float32 -> (compressed W [out, in], metrics, the grid if quantized). Stages run in recipe order.
 
@@ -82,7 +85,7 @@ def compress_layer(
     """
     W_hat, keep, quant, methods, stats = W, None, None, [], {}
     for stage in stages:
-        if not stage.applies_to(name):
+        if not stage.applies_to(name, router):
             continue
         result = stage.technique.apply(W_hat, resolve_scale_dtype(stage.params, storage_dtype), H)
         W_hat = result.weight
@@ -127,12 +130,13 @@ def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[
     out = dict(tensors)
     metrics, grids = [], {}
     for layer in shard.linears:
-        if not any(s.applies_to(layer.name) for s in stages):
+        if not any(s.applies_to(layer.name, layer.router) for s in stages):
             continue
         original = tensors[layer.weight_key]
         W = as_out_in(original, layer).to(device=device, dtype=torch.float32)
         H = hessian_of(layer.name)
-        W_hat, m, quant = compress_layer(W, layer.name, stages, None if H is None else H.to(device), original.dtype)
+        W_hat, m, quant = compress_layer(W, layer.name, stages, None if H is None else H.to(device), original.dtype,
+                                         layer.router)
         out[layer.weight_key] = (W_hat.T if layer.transposed else W_hat).to("cpu", original.dtype).contiguous()
         metrics.append(m)
         if quant is not None:
@@ -189,7 +193,7 @@ class CompressionWorker:
     def __init__(self, threads: int, model_dir: str, key_to_file: dict[str, str], config=None):
         torch.set_num_threads(max(1, threads))
         self.model_dir, self.key_to_file, self.config = model_dir, key_to_file, config
-        self.block_class = block_class_of(config) if config is not None else None
+        self.kind = block_kind(config) if config is not None else None
         # shard -> (tensors, Hessians, (capture wall s, capture CPU s))
         self.calibrated: dict[int, tuple[dict[str, torch.Tensor], HessianSet, tuple[float, float]]] = {}
         self.device = compute_device(ray.get_gpu_ids(), torch.cuda.is_available())
@@ -204,15 +208,20 @@ class CompressionWorker:
         return inputs.hidden, inputs.kwargs
 
     def calibrate(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
-                  stages: list[Stage]) -> list[torch.Tensor]:
-        """Hessians of the layers that need them, kept here; returns the dense blocks' outputs."""
+                  stages: list[Stage], experts: ExpertsConfig) -> list[torch.Tensor]:
+        """Hessians of the layers that need them (and of under-calibrated experts, as `experts` says), kept
+        here with the tokens each expert was sent; returns the dense blocks' outputs."""
         wall, cpu = time.perf_counter(), time.process_time()
         tensors = self.read(list(shard.tensor_keys))
-        blocks = build_blocks(self.config, shard, tensors, self.block_class).to(self.device)
+        blocks = build_blocks(self.kind, shard, tensors).to(self.device)
         wanted = [layer for layer in shard.linears
-                  if any(s.technique.needs_calibration and s.applies_to(layer.name) for s in stages)]
-        outputs, hessians = run_blocks(blocks, BlockInputs(hidden, kwargs), shard, wanted, self.device)
-        self.calibrated[shard.index] = (tensors, hessians, (time.perf_counter() - wall, time.process_time() - cpu))
+                  if any(s.technique.needs_calibration and s.applies_to(layer.name, layer.router) for s in stages)]
+        inputs = BlockInputs(hidden, kwargs)
+        outputs, hessians = run_blocks(blocks, inputs, shard, wanted, self.device)
+        routing = recalibrate_experts(blocks, inputs, shard, wanted, hessians, experts.min_tokens,
+                                      experts.under_calibrated, self.device)
+        self.calibrated[shard.index] = (tensors, hessians, routing, (time.perf_counter() - wall,
+                                                                     time.process_time() - cpu))
         return outputs
 
     def forward(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
@@ -220,7 +229,7 @@ class CompressionWorker:
         """The shard's blocks run on `hidden` -> their outputs: the dense blocks (source None), or the
         compressed ones in the safetensors file `source`. Rebuilds a lost or skipped link of the chain."""
         tensors = load_file(source) if source else self.read(list(shard.tensor_keys))
-        blocks = build_blocks(self.config, shard, tensors, self.block_class).to(self.device)
+        blocks = build_blocks(self.kind, shard, tensors).to(self.device)
         return run_blocks(blocks, BlockInputs(hidden, kwargs), device=self.device)[0]
 
     def write_rest(self, keys: list[str], files: ShardFiles) -> int:
@@ -234,7 +243,8 @@ class CompressionWorker:
         """Compress a shard and write it to `files`; -> (result without tensors, the compressed blocks'
         outputs on `hidden` when given (sequential mode), else None)."""
         cpu = time.process_time()
-        tensors, hessians, (capture_s, capture_cpu_s) = self.calibrated.pop(shard.index, (None, None, (0.0, 0.0)))
+        tensors, hessians, routing, (capture_s, capture_cpu_s) = self.calibrated.pop(
+            shard.index, (None, None, {}, (0.0, 0.0)))
         if tensors is None and any(s.technique.needs_calibration for s in stages):
             raise RuntimeError(f"shard {shard.index}: no calibration statistics on this worker (restarted?)")
         if tensors is None:
@@ -243,7 +253,7 @@ class CompressionWorker:
                                 self.device)
         outputs = None
         if hidden is not None:
-            blocks = build_blocks(self.config, shard, result.tensors, self.block_class).to(self.device)
+            blocks = build_blocks(self.kind, shard, result.tensors).to(self.device)
             outputs, _ = run_blocks(blocks, BlockInputs(hidden, kwargs), device=self.device)
         write_files(shard, result, files)
         result.tensors, result.quant = {}, {}  # the driver gets the record, never the weights
@@ -251,6 +261,6 @@ class CompressionWorker:
         result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": str(self.device),
                          "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        result.capture_seconds = capture_s
+        result.capture_seconds, result.experts = capture_s, routing
         result.cpu_seconds = capture_cpu_s + time.process_time() - cpu
         return result, outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -9,11 +10,14 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    DeepseekV3Config,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
 )
 
 HIDDEN, LAYERS, FFN, VOCAB = 128, 3, 256, 512
@@ -47,4 +51,33 @@ def save_random_model(kind: str, dest: Path, seed: int = 0) -> Path:
     auto = AutoModel if kind == "bert" else AutoModelForCausalLM
     model = auto.from_config(config)
     model.save_pretrained(dest)
+    return dest
+
+
+# Mixture-of-experts families as transformers 5 saves them (one tensor per expert and projection on disk,
+# fused [E, 2I, H] / [E, H, I] parameters in memory): Mixtral (experts only), Qwen2-MoE (with a shared
+# expert and its gate), DeepSeek-V3 (a dense first block, a shared expert, grouped routing with a bias)
+MOE_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=512)
+MOE_CONFIGS = {
+    "mixtral": MixtralConfig(intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4,
+                             num_experts_per_tok=2, architectures=["MixtralForCausalLM"], **MOE_COMMON),
+    "qwen2_moe": Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                                num_hidden_layers=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                architectures=["Qwen2MoeForCausalLM"], **MOE_COMMON),
+    "deepseek_v3": DeepseekV3Config(intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=3,
+                                    first_k_dense_replace=1, num_key_value_heads=4, n_routed_experts=8,
+                                    num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
+                                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                    architectures=["DeepseekV3ForCausalLM"], **MOE_COMMON),
+}
+MOE_BLOCKS = {"mixtral": [0, 1], "qwen2_moe": [0, 1], "deepseek_v3": [1, 2]}  # the blocks holding experts
+NUM_EXPERTS = {"mixtral": 4, "qwen2_moe": 4, "deepseek_v3": 8}
+
+
+def save_random_moe(kind: str, dest: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A random MoE checkpoint saved by transformers itself, with micro-lm's tokenizer (same 512 ids)."""
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(MOE_CONFIGS[kind]).save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, dest / name)
     return dest

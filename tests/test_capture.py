@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from orchestrator.capture import (
     BlockInputs,
-    block_class_of,
+    block_kind,
     build_blocks,
     capture_block_inputs,
     expected_input_groups,
@@ -39,7 +39,7 @@ def test_blocks_run_alone_reproduce_the_whole_models_hidden_states(llama):
     hidden = inputs.hidden
     for shard in partition.shards[:LAYERS - 1]:  # every block built on its own, from its tensors only
         tensors = read_keys(folder, list(shard.tensor_keys), partition.key_to_file)
-        blocks = build_blocks(config, shard, tensors, block_class_of(config))
+        blocks = build_blocks(block_kind(config), shard, tensors)
         hidden, _ = run_blocks(blocks, BlockInputs(hidden, inputs.kwargs), shard)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():  # hidden_states[k]: after k blocks (the last one, after the final norm, is not compared)
@@ -53,7 +53,7 @@ def test_layers_reading_one_input_share_one_hessian_as_the_planner_expects(llama
     ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(1))
     inputs = stem_inputs(llama, ids)
     tensors = read_keys(folder, list(shard.tensor_keys), partition.key_to_file)
-    blocks = build_blocks(config, shard, tensors, block_class_of(config))
+    blocks = build_blocks(block_kind(config), shard, tensors)
     _, hessians = run_blocks(blocks, inputs, shard, list(shard.linears))
     found = sorted(sorted(members) for members in hessians.groups.values())
     expected = sorted(sorted(l.name for l in members) for members in expected_input_groups(shard.linears).values())

@@ -1,0 +1,184 @@
+"""Mixture-of-experts checkpoints (Mixtral, Qwen2-MoE with a shared expert, DeepSeek-V3 with dense first
+blocks), saved by transformers itself: planned through transformers' conversion mapping, every expert's
+projections compressed with its own Hessian from the tokens its router sent, routers left dense,
+under-calibrated experts handled, and the export loaded back."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from orchestrator.capture import (
+    BlockInputs,
+    BlockKind,
+    block_kind,
+    build_blocks,
+    capture_block_inputs,
+    expected_input_groups,
+    recalibrate_experts,
+    run_blocks,
+)
+from orchestrator.checkpoint import read_keys
+from orchestrator.cli import main
+from orchestrator.experts import is_experts_module
+from orchestrator.partition import load_config, partition_model
+from orchestrator.recipe import load_recipe
+from orchestrator.worker import compress_layer
+from tests.helpers import REPO
+from tests.models import MOE_BLOCKS, MOE_CONFIGS, NUM_EXPERTS, save_random_moe
+
+FAMILIES = list(MOE_CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory, micro_lm) -> dict:
+    root = tmp_path_factory.mktemp("moe")
+    return {kind: save_random_moe(kind, root / kind, micro_lm) for kind in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def unrouted_deepseek(tmp_path_factory, moe_models):
+    """DeepSeek-V3 whose block-1 router never chooses expert 0: its score-correction bias is -1e4."""
+    dest = tmp_path_factory.mktemp("unrouted")
+    for item in moe_models["deepseek_v3"].iterdir():
+        (dest / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(dest / "model.safetensors")
+    tensors["model.layers.1.mlp.gate.e_score_correction_bias"][0] = -1e4
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def block_inputs(folder, partition, config, seed=0, n=4, seq=32) -> BlockInputs:
+    ids = torch.randint(0, 512, (n, seq), generator=torch.Generator().manual_seed(seed))
+    return capture_block_inputs(config, read_keys(folder, list(partition.rest_keys), partition.key_to_file), ids, 2)
+
+
+def inputs_of(folder, partition, config, shard_index: int) -> BlockInputs:
+    """The inputs of a shard's first block, the dense blocks before it run on their own."""
+    inputs = block_inputs(folder, partition, config)
+    kind = block_kind(config)
+    for shard in partition.shards[:shard_index]:
+        blocks = build_blocks(kind, shard, read_keys(folder, list(shard.tensor_keys), partition.key_to_file))
+        inputs = BlockInputs(run_blocks(blocks, inputs, shard)[0], inputs.kwargs)
+    return inputs
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_blocks_load_as_transformers_loads_them_and_save_back_as_it_saves(kind, moe_models):
+    folder = moe_models[kind]
+    partition = partition_model(folder, blocks_per_shard=1)
+    config = load_config(folder)
+    layout = block_kind(config).layout
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        on_disk = {k: f.get_tensor(k) for k in f.keys()}
+    block_keys = {k for s in partition.shards for k in s.tensor_keys}
+    assert block_keys | set(partition.rest_keys) == set(on_disk) and not block_keys & set(partition.rest_keys)
+    model_state = AutoModelForCausalLM.from_pretrained(folder).state_dict()  # transformers' own loading
+    for shard in partition.shards:
+        tensors = {k: on_disk[k] for k in shard.tensor_keys}
+        as_module = layout.to_module(tensors)
+        assert as_module.keys() <= model_state.keys()
+        assert all(torch.equal(as_module[k], model_state[k]) for k in as_module), shard.index
+        back = layout.to_checkpoint(as_module)
+        assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_every_experts_projections_are_layers_and_routers_are_flagged(kind, moe_models):
+    partition = partition_model(moe_models[kind], blocks_per_shard=1)
+    layers = [layer for s in partition.shards for layer in s.linears]
+    experts = [layer for layer in layers if layer.expert]
+    E = NUM_EXPERTS[kind]
+    assert len(experts) == len(MOE_BLOCKS[kind]) * E * 3  # gate, up and down of every expert of every MoE block
+    for layer in experts:  # named and keyed as on disk: one 2D tensor per expert and projection
+        assert layer.weight_key == layer.name + ".weight" and f".experts.{layer.expert.expert}." in layer.name
+    with safe_open(moe_models[kind] / "model.safetensors", "pt") as f:
+        assert all(tuple(f.get_slice(l.weight_key).get_shape()) == (l.out_features, l.in_features) for l in experts)
+    routers = sorted(layer.name.split(".", 3)[3] for layer in layers if layer.router)
+    expected = {"mixtral": ["mlp.gate"], "qwen2_moe": ["mlp.gate", "mlp.shared_expert_gate"],
+                "deepseek_v3": ["mlp.gate"]}[kind]
+    assert routers == sorted(expected * len(MOE_BLOCKS[kind]))
+    if kind != "mixtral":  # the shared expert is an ordinary MLP
+        assert any("shared_expert" in l.name and l.name.endswith("gate_proj") and not l.router for l in layers)
+
+    default = load_recipe(REPO / "recipes" / "gptq-w4g128.yaml").stages[0]
+    named = load_recipe(REPO / "recipes" / "gptq-w4g128.yaml", ["stages.0.targets=[mlp\\.gate$]"]).stages[0]
+    router = next(layer for layer in layers if layer.router)
+    assert not default.applies_to(router.name, router=True) and default.applies_to(experts[0].name)
+    assert named.applies_to(router.name, router=True)  # a recipe that names the router compresses it
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_each_expert_gets_the_hessian_of_the_tokens_its_router_sent(kind, moe_models):
+    folder = moe_models[kind]
+    partition, config = partition_model(folder, blocks_per_shard=1), load_config(folder)
+    index = MOE_BLOCKS[kind][0]
+    shard = partition.shards[index]
+    inputs = inputs_of(folder, partition, config, index)
+    tensors = read_keys(folder, list(shard.tensor_keys), partition.key_to_file)
+    kind_ = block_kind(config)
+    blocks = build_blocks(kind_, shard, tensors)
+    compressed = [layer for layer in shard.linears if not layer.router]  # what the default targets calibrate
+    outputs, hessians = run_blocks(blocks, inputs, shard, compressed)
+
+    # the same block with transformers' eager experts: same outputs; what its experts module was called with
+    eager_config = copy.deepcopy(kind_.config)
+    eager_config._experts_implementation = "eager"
+    eager = build_blocks(BlockKind(eager_config, kind_.block_class, kind_.layout), shard, tensors)
+    seen = []
+    module = next(m for m in eager.modules() if is_experts_module(m))
+    module.register_forward_pre_hook(lambda m, args: seen.append((args[0], args[1])))
+    assert all(torch.equal(a, b) for a, b in zip(outputs, run_blocks(eager, inputs, shard)[0]))
+
+    hidden, chosen = torch.cat([h for h, _ in seen]), torch.cat([c for _, c in seen])  # [T, H], [T, k]
+    name = f"{shard.block_prefix}.{index}.mlp.experts"
+    counts = hessians.expert_tokens[name]
+    assert sum(counts.values()) == chosen.numel() and len(counts) == NUM_EXPERTS[kind]
+    groups = expected_input_groups(compressed)
+    assert sorted(map(sorted, hessians.groups.values())) == sorted(sorted(l.name for l in g) for g in groups.values())
+    for layer in (l for l in shard.linears if l.expert and l.expert.input_of == "gate_up_proj"):
+        x = hidden[(chosen == layer.expert.expert).any(-1)]  # the tokens routed to this expert
+        assert counts[layer.expert.expert] == len(x)
+        torch.testing.assert_close(hessians.of(layer.name), 2 / len(x) * x.T @ x, rtol=1e-4, atol=1e-6)
+
+
+def test_an_expert_the_router_never_chose_gets_finite_statistics_and_a_finite_grid(unrouted_deepseek):
+    folder = unrouted_deepseek
+    partition, config = partition_model(folder, blocks_per_shard=1), load_config(folder)
+    shard = partition.shards[1]
+    inputs = inputs_of(folder, partition, config, 1)
+    tensors = read_keys(folder, list(shard.tensor_keys), partition.key_to_file)
+    blocks = build_blocks(block_kind(config), shard, tensors)
+    layers = list(shard.linears)
+    gate = next(l for l in layers if l.expert and l.expert.expert == 0 and l.name.endswith("gate_proj"))
+    tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
+    stage = load_recipe(REPO / "recipes" / "gptq-w4g128.yaml", ["stages.0.group_size=32"]).stages
+    rtn = load_recipe(REPO / "recipes" / "rtn-w4g128.yaml", ["stages.0.group_size=32"]).stages
+    W = tensors[gate.weight_key].float()
+
+    found = {}
+    for policy, min_tokens in (("all-tokens", None), ("identity", None), ("all-tokens", 0)):
+        _, hessians = run_blocks(blocks, inputs, shard, layers)
+        assert hessians.expert_tokens["model.layers.1.mlp.experts"][0] == 0  # the fault landed
+        routing = recalibrate_experts(blocks, inputs, shard, layers, hessians, min_tokens, policy)
+        H = hessians.of(gate.name)
+        assert torch.isfinite(H).all()
+        W_hat, metrics, grid = compress_layer(W, gate.name, stage, H)
+        assert torch.isfinite(grid.scale).all() and (grid.scale > 0).all() and torch.isfinite(W_hat).all()
+        assert metrics.relative_error < 0.5  # never zeroed as "dead inputs"
+        found[(policy, min_tokens)] = (routing["model.layers.1.mlp.experts"], H, hessians.n[hessians.leader(gate.name)], W_hat)
+
+    routing, H, n, _ = found[("all-tokens", None)]
+    assert 0 in routing["under_calibrated"] and routing["min_tokens"] == 64 and routing["tokens"][0] == 0
+    assert n == tokens and torch.linalg.eigvalsh(H.double()).min() > 0  # every token, as if routed: full rank
+    for key in (("identity", None), ("all-tokens", 0)):  # H = I: GPTQ rounds to nearest
+        _, H, _, W_hat = found[key]
+        assert torch.equal(H, torch.eye(64))
+        assert torch.equal(W_hat, compress_layer(W, gate.name, rtn)[0])
+    assert found[("all-tokens", 0)][0]["under_calibrated"] == []  # min_tokens 0: nobody recalibrated
