@@ -289,25 +289,28 @@ def resolve_model(spec: str) -> Path:
 
 
 def random_llama(dest: Path, tokenizer_dir: Path, hidden: int, layers: int, ffn: int, heads: int,
-                 vocab: int | None = None, max_shard_size: str = "1GB") -> tuple[Path, int]:
+                 vocab: int | None = None, max_shard_size: str = "1GB", experts: int = 0) -> tuple[Path, int]:
     """A random-initialised Llama (seed 0, float32) with the tokenizer of tokenizer_dir (and its vocabulary
     size unless vocab is given), saved in safetensors files of at most max_shard_size; cached under dest.
+    experts > 0: a Mixtral instead (that many experts of width ffn per block, 2 chosen per token).
     -> (folder, parameter count)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MixtralConfig
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     vocab = vocab or len(tok)
-    name = f"llama-random-h{hidden}-l{layers}-f{ffn}-v{vocab}" + ("" if max_shard_size == "1GB" else f"-s{max_shard_size}")
+    family = f"mixtral-e{experts}" if experts else "llama"
+    name = f"{family}-random-h{hidden}-l{layers}-f{ffn}-v{vocab}" + ("" if max_shard_size == "1GB" else f"-s{max_shard_size}")
     folder = dest / name
     if (folder / "config.json").exists():
         return folder, json.loads((folder / "params.json").read_text())["params"]
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, dtype="float32")
-    model = LlamaForCausalLM(cfg).eval()
+    shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
+                 tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id, dtype="float32")
+    cfg = MixtralConfig(num_local_experts=experts, num_experts_per_tok=2, **shape) if experts else LlamaConfig(**shape)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     params = sum(p.numel() for p in model.parameters())
     tmp = dest / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

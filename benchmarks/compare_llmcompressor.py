@@ -133,12 +133,13 @@ def run_ours(case: str, model_dir: Path, work: Path, overrides: list[str], worke
     return m, report, run_dir / "model"
 
 
-def run_peer(case: str, model_dir: Path, calib_path: Path, work: Path, batch_size: int) -> tuple[Measured, dict, Path]:
+def run_peer(case: str, model_dir: Path, calib_path: Path, work: Path, batch_size: int,
+             ignore: list[str] = ()) -> tuple[Measured, dict, Path]:
     out = work / "peer" / case
     if out.exists():
         shutil.rmtree(out)
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), str(model_dir), str(calib_path), case, str(out),
-           "--batch-size", str(batch_size)]
+           "--batch-size", str(batch_size)] + (["--ignore", *ignore] if ignore else [])
     m = run_measured(cmd, cwd=work, log_path=work / "logs" / f"peer-{case}.log", env=clean_env())
     if m.returncode != 0:
         raise SystemExit(f"llm-compressor failed on {case} (exit {m.returncode}): {' '.join(cmd)}\n{tail(m.log)}")
@@ -171,7 +172,7 @@ def check_same_calibration(case: str, report: dict, digest: str) -> None:
 
 
 def linear_summary(dense_dir: Path, out_dir: Path) -> dict:
-    """Which block Linear weights differ from the dense model, and their zero fraction."""
+    """Which block Linear weights (and MoE experts' matrices) differ from the dense model, and their zero fraction."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -179,7 +180,11 @@ def linear_summary(dense_dir: Path, out_dir: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(d, dtype="float32").eval()
         with torch.no_grad():  # a compressed-tensors checkpoint (the peer's) decompresses on its first forward
             model(input_ids=torch.zeros(1, 2, dtype=torch.long))
-        return {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        found = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        for n, p in model.named_parameters():  # fused MoE experts [E, out, in]: one matrix per expert
+            if p.dim() == 3 and ".experts." in n:
+                found.update({f"{n}.{e}": p[e].detach() for e in range(p.shape[0])})
+        return found
 
     dense, out = weights(dense_dir), weights(out_dir)
     changed = sorted(n for n in dense if not torch.equal(dense[n], out[n]))
@@ -270,6 +275,11 @@ def main(argv=None) -> int:
     p.add_argument("--timing-calib-samples", type=int, default=32,
                    help="calibration windows in --timing-model mode (both tools; default 32)")
     p.add_argument("--timing-shape", default="768,12,3072,12", help="hidden,layers,ffn,heads of the timing model")
+    p.add_argument("--timing-experts", type=int, default=0,
+                   help="--timing-model as a Mixtral with this many experts of width ffn per block (2 per token); "
+                        "the peer leaves its routers dense, as we do")
+    p.add_argument("--timing-ppl", action="store_true",
+                   help="--timing-model: evaluate both outputs too (perplexity on the same windows, same code)")
     p.add_argument("--min-params", type=float, default=100e6,
                    help="--timing-model refuses a shape with fewer parameters (default: %(default).0f)")
     p.add_argument("--smoke", action="store_true",
@@ -314,8 +324,10 @@ def compare(args, bench: Bench) -> int:
         work = Path(args.work or WORK / "timing").resolve()
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        model_dir, params = random_llama(work / "models", base_model, **shape)
-        facts["timing model"] = (f"random LlamaForCausalLM, hidden {shape['hidden']}, {shape['layers']} layers, "
+        model_dir, params = random_llama(work / "models", base_model, **shape, experts=args.timing_experts)
+        family = f"MixtralForCausalLM ({args.timing_experts} experts, 2 per token)" if args.timing_experts \
+            else "LlamaForCausalLM"
+        facts["timing model"] = (f"random {family}, hidden {shape['hidden']}, {shape['layers']} layers, "
                                  f"ffn {shape['ffn']}, {shape['heads']} heads, "
                                  f"vocab {json.loads((model_dir / 'config.json').read_text())['vocab_size']}: "
                                  f"{params / 1e6:.1f}M parameters, float32 ({time.perf_counter() - t0:.0f} s to build)")
@@ -364,7 +376,8 @@ def compare(args, bench: Bench) -> int:
         check_same_calibration(case, report, digest)
         print(f"[{case}] ours {m_ours.wall_s:.1f} s, peak {m_ours.peak_rss_mb:.0f} MB; peer ...", file=sys.stderr,
               flush=True)
-        m_peer, peer, peer_model = run_peer(case, model_dir, calib_path, work, peer_bs)
+        routers = [r"re:.*mlp\.gate$", r"re:.*block_sparse_moe\.gate$"] if args.timing_experts else []
+        m_peer, peer, peer_model = run_peer(case, model_dir, calib_path, work, peer_bs, routers)
         print(f"[{case}] peer {m_peer.wall_s:.1f} s, peak {m_peer.peak_rss_mb:.0f} MB", file=sys.stderr, flush=True)
 
         row = {"case": case,
@@ -380,7 +393,7 @@ def compare(args, bench: Bench) -> int:
                         "peak_procs": m_peer.peak_procs, "core_s": peer["timing"]["oneshot_s"],
                         "timing": peer["timing"], "cmd": m_peer.cmd, "log": m_peer.log, "settings": peer},
                "calibration": {"path": str(calib_path), "shape": list(ids.shape), "sha256": digest}}
-        if not args.timing_model:
+        if not args.timing_model or args.timing_ppl:
             from orchestrator.evaluate import perplexity
 
             ecfg = EvalDataConfig(**vars(recipe.config.data.eval))

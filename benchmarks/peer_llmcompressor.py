@@ -47,6 +47,7 @@ from pathlib import Path
 
 IGNORE = ["re:.*lm_head"]  # a regex: the pruning modifiers match names like "lm_head." (trailing dot) that a
 # plain "lm_head" misses in llmcompressor 0.14.0.1, which then prunes lm_head too
+EXTRA_IGNORE: list[str] = []  # --ignore (e.g. an MoE model's routers)
 
 
 def load_ids(path: Path):
@@ -70,7 +71,7 @@ def gptq(bits: int):
                "actorder": None, "observer": "memoryless_minmax"}
     return GPTQModifier(
         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-        ignore=IGNORE,
+        ignore=IGNORE + EXTRA_IGNORE,
         block_size=128,
         dampening_frac=0.01,
         actorder=None,  # our act_order: false
@@ -109,7 +110,11 @@ def main(argv=None) -> int:
                    help="calibration windows per forward pass (oneshot's batch_size; its default is 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--save-dense", action="store_true", help="save_compressed=False")
+    p.add_argument("--ignore", nargs="*", default=[], help="more modules to leave dense (GPTQ cases), e.g. "
+                   "an MoE model's routers: re:.*mlp\\.gate$ (oneshot linearizes MoE experts itself, and by "
+                   "default sends every calibration token through every expert: moe_calibrate_all_experts)")
     args = p.parse_args(argv)
+    EXTRA_IGNORE.extend(args.ignore)
 
     t_start = time.perf_counter()
     import torch
@@ -166,6 +171,7 @@ def main(argv=None) -> int:
         "model_dir": str(Path(args.model_dir).resolve()),
         "calibration": {"path": str(Path(args.calibration).resolve()), "num_samples": n, "seq_len": seq_len},
         "modifier": {"class": type(modifier).__name__, **json.loads(modifier.model_dump_json(exclude_none=True))},
+        "ignore": IGNORE + EXTRA_IGNORE,
         "oneshot": {"pipeline": "independent (-> sequential)", "batch_size": args.batch_size,
                     "shuffle_calibration_samples": False, "save_compressed": not args.save_dense},
         "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,

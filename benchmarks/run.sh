@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the measurements behind benchmarks/RESULTS.md and the figures in README.md.
 #
-#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9
+#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10
 #
 # Each section writes its tables (markdown) with their JSON beside them (the
 # numbers, commit, uncommitted files, machine, command line, load average) into
@@ -19,6 +19,7 @@
 #   7 GPU workers (needs CUDA)           gpu.py
 #   8 faults injected, bad input         faults.py (pytest -m chaos, tests/test_bad_input.py)
 #   9 recovery by distillation           recovery.py
+#  10 a mixture-of-experts model         compare_llmcompressor.py (random Mixtral >= 1 GB, 8 experts, GPTQ W4)
 #
 # --smoke: every script end to end on the micro reference model with a few
 # short windows (and a tiny random Llama where a section builds one), into
@@ -35,11 +36,11 @@ sections=()
 for arg in "$@"; do
   case $arg in
     --smoke) smoke=(--smoke); results=benchmarks/.work/smoke/results; work=benchmarks/.work/smoke ;;
-    [1-9]) sections+=("$arg") ;;
-    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-9)" >&2; exit 2 ;;
+    [1-9]|10) sections+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-10)" >&2; exit 2 ;;
   esac
 done
-[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9)
+[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10)
 [ -x "$py" ] || { echo "error: $py not found: run scripts/setup.sh first" >&2; exit 2; }
 mkdir -p "$results" "$work/logs"
 exec 9>benchmarks/.work/run.lock
@@ -73,6 +74,10 @@ section() {
     7) bench gpu.py 7-gpu ;;
     8) bench faults.py 8-faults ;;
     9) bench recovery.py 9-recovery ;;
+    10) shape=1024,8,1792,16  # hidden, blocks, expert width, heads: 1.5 GB in float32
+        [ ${#smoke[@]} -eq 0 ] || shape=128,2,256,2
+        peer && compare moe 10-moe --timing-model --timing-experts 8 --timing-ppl --timing-shape "$shape" \
+          --eval-max-windows 16 ;;
   esac
 }
 

@@ -65,13 +65,13 @@ MOE_CONFIGS = {
                                 num_hidden_layers=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                 architectures=["Qwen2MoeForCausalLM"], **MOE_COMMON),
     "deepseek_v3": DeepseekV3Config(intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=3,
-                                    first_k_dense_replace=1, num_key_value_heads=4, n_routed_experts=8,
+                                    first_k_dense_replace=1, num_key_value_heads=4, n_routed_experts=12,
                                     num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
                                     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                                     architectures=["DeepseekV3ForCausalLM"], **MOE_COMMON),
 }
 MOE_BLOCKS = {"mixtral": [0, 1], "qwen2_moe": [0, 1], "deepseek_v3": [1, 2]}  # the blocks holding experts
-NUM_EXPERTS = {"mixtral": 4, "qwen2_moe": 4, "deepseek_v3": 8}
+NUM_EXPERTS = {"mixtral": 4, "qwen2_moe": 4, "deepseek_v3": 12}  # 12: experts 10, 11 sort after 9
 
 
 def save_random_moe(kind: str, dest: Path, tokenizer_dir: Path, seed: int = 0) -> Path:

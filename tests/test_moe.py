@@ -182,3 +182,109 @@ def test_an_expert_the_router_never_chose_gets_finite_statistics_and_a_finite_gr
         assert torch.equal(H, torch.eye(64))
         assert torch.equal(W_hat, compress_layer(W, gate.name, rtn)[0])
     assert found[("all-tokens", 0)][0]["under_calibrated"] == []  # min_tokens 0: nobody recalibrated
+
+
+SMALL = ["data.calibration.num_samples=16", "data.calibration.seq_len=64", "data.eval.max_windows=8",
+         "data.eval.speed=false", "tracking.enabled=false"]
+METHODS = {  # the recipes, at group size 32 / the 2:4 pattern (the experts' widths are 64)
+    "rtn": ("rtn-w4g128", ["stages.0.group_size=32"]),
+    "gptq": ("gptq-w4g128", ["stages.0.group_size=32"]),
+    "2of4": ("wanda-2of4", []),
+}
+
+
+def run(kind: str, method: str, moe_models, out, *extra) -> dict:
+    recipe, overrides = METHODS[method]
+    overrides = [f"model.path={moe_models[kind]}", f"output.dir={out}", f"output.name={kind}-{method}",
+                 "cluster.workers=2", *SMALL, *overrides, *extra]
+    assert main(["run", str(REPO / "recipes" / f"{recipe}.yaml"), *overrides, "--quiet"]) == 0
+    run_dir = out / f"{kind}-{method}"
+    return json.loads((run_dir / "report.json").read_text()) | {"dir": run_dir}
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory, moe_models, shared_ray) -> dict:
+    out = tmp_path_factory.mktemp("moe-runs")
+    return {(kind, method): run(kind, method, moe_models, out) for kind in FAMILIES for method in METHODS}
+
+
+def export_tensors(run_dir) -> dict[str, torch.Tensor]:
+    index = json.loads((run_dir / "model" / "model.safetensors.index.json").read_text())["weight_map"]
+    return read_keys(run_dir / "model", list(index), index)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_moe_runs_compress_every_expert_leave_routers_dense_and_reload(kind, method, moe_runs, moe_models):
+    report = moe_runs[(kind, method)]
+    moe = report["experts"]
+    E, blocks = NUM_EXPERTS[kind], len(MOE_BLOCKS[kind])
+    assert moe["expert_matrices"] == moe["expert_matrices_compressed"] == blocks * E * 3
+    assert moe["routers"] and moe["routers_compressed"] == []
+    exported, dense = export_tensors(report["dir"]), load_file(moe_models[kind] / "model.safetensors")
+    partition = partition_model(moe_models[kind], 1)
+    routers = [l for s in partition.shards for l in s.linears if l.router]
+    for layer in routers:  # untouched, byte for byte
+        assert torch.equal(exported[layer.weight_key], dense[layer.weight_key]), layer.name
+    experts = [l for s in partition.shards for l in s.linears if l.expert]
+    if method != "2of4":  # every expert's projections packed, per expert, as vLLM's fused-MoE loader reads them
+        assert all(f"{l.name}.weight_packed" in exported and l.weight_key not in exported for l in experts)
+
+    # transformers loads the whole export (the experts dequantized into its fused parameters) and computes
+    # the logits the run evaluated
+    sample = load_file(report["dir"] / "eval" / "sample_logits.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(report["dir"] / "model").eval()
+    with torch.no_grad():
+        logits = model(input_ids=sample["input_ids"][None]).logits[0].float()
+    assert ((logits - sample["compressed"]).norm() / sample["compressed"].norm()).item() < 1e-5
+    assert ((logits - sample["dense"]).norm() / sample["dense"].norm()).item() > 1e-4  # really compressed
+    state = model.state_dict()
+    for layer in experts:
+        W = state[layer.expert.param][layer.expert.expert, layer.expert.start:layer.expert.stop]  # [out, in]
+        if method == "2of4":
+            assert ((W != 0).reshape(W.shape[0], -1, 4).sum(-1) <= 2).all(), layer.name
+            assert torch.equal(W, exported[layer.weight_key])
+        else:  # 4-bit groups of 32: at most 16 levels per group, and the library's own decoding agrees
+            assert all(g.unique().numel() <= 16 for g in W.reshape(W.shape[0], -1, 32).flatten(0, 1))
+            assert torch.equal(W, decompress(exported, layer.name, 32))
+    q = report["quality"]
+    assert q["router"]["topk_agreement"] > 0.5 and 0 <= q["router"]["same_experts"] <= 1
+    if method != "rtn":  # calibrated: each expert's tokens recorded, every one sent somewhere
+        routing = moe["routing"]
+        assert len(routing) == blocks and all(len(r["tokens"]) == E for r in routing.values())
+        assert all(sum(r["tokens"]) == 16 * 64 * MOE_CONFIGS[kind].num_experts_per_tok for r in routing.values())
+        assert {f"expert_tokens-{m}.png" for m in routing} <= {p.name for p in (report["dir"] / "plots").iterdir()}
+
+
+def decompress(tensors: dict[str, torch.Tensor], name: str, group_size: int) -> torch.Tensor:
+    """compressed-tensors' own decoding of one packed layer of the export."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], format="pack-quantized", weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size))
+    local = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
+    compressor = BaseCompressor.get_value_from_registry("pack-quantized")
+    return compressor.decompress(local, scheme)["weight"].to(local["weight_scale"].dtype)
+
+
+@pytest.mark.slow
+def test_moe_bytes_do_not_depend_on_worker_count(moe_runs, moe_models, tmp_path):
+    from tests.helpers import hashes
+
+    two = moe_runs[("mixtral", "gptq")]
+    one = run("mixtral", "gptq", moe_models, tmp_path, "cluster.workers=1")
+    pids = lambda report: {s["worker"]["pid"] for s in report["shards"]}
+    assert len(pids(two)) == 2 and len(pids(one)) == 1
+    assert hashes(one["dir"]) == hashes(two["dir"])
+
+
+@pytest.mark.slow
+def test_an_unrouted_expert_is_reported_and_compressed_from_every_token(unrouted_deepseek, tmp_path, shared_ray):
+    report = run("deepseek_v3", "gptq", {"deepseek_v3": unrouted_deepseek}, tmp_path)
+    routing = report["experts"]["routing"]["model.layers.1.mlp.experts"]
+    assert routing["tokens"][0] == 0 and 0 in routing["under_calibrated"]
+    assert report["experts"]["under_calibrated_policy"] == "all-tokens"
+    layers = {l["name"]: l for s in report["shards"] for l in s["layers"]}
+    assert layers["model.layers.1.mlp.experts.0.gate_proj"]["relative_error"] < 0.5
