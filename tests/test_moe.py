@@ -100,6 +100,7 @@ def test_every_experts_projections_are_layers_and_routers_are_flagged(kind, moe_
         assert layer.weight_key == layer.name + ".weight" and f".experts.{layer.expert.expert}." in layer.name
     with safe_open(moe_models[kind] / "model.safetensors", "pt") as f:
         assert all(tuple(f.get_slice(l.weight_key).get_shape()) == (l.out_features, l.in_features) for l in experts)
+    assert partition.first_expert_block() == MOE_BLOCKS[kind][0]  # where the export's load check must reach
     routers = sorted(layer.name.split(".", 3)[3] for layer in layers if layer.router)
     expected = {"mixtral": ["mlp.gate"], "qwen2_moe": ["mlp.gate", "mlp.shared_expert_gate"],
                 "deepseek_v3": ["mlp.gate"]}[kind]
@@ -202,10 +203,21 @@ def run(kind: str, method: str, moe_models, out, *extra) -> dict:
     return json.loads((run_dir / "report.json").read_text()) | {"dir": run_dir}
 
 
+class Runs(dict):
+    """The module's runs, each made the first time a test asks for it (so `-k` runs only what it selects)."""
+
+    def __init__(self, moe_models, out):
+        super().__init__()
+        self.moe_models, self.out = moe_models, out
+
+    def __missing__(self, key: tuple[str, str]) -> dict:
+        self[key] = run(*key, self.moe_models, self.out)
+        return self[key]
+
+
 @pytest.fixture(scope="module")
-def moe_runs(tmp_path_factory, moe_models, shared_ray) -> dict:
-    out = tmp_path_factory.mktemp("moe-runs")
-    return {(kind, method): run(kind, method, moe_models, out) for kind in FAMILIES for method in METHODS}
+def moe_runs(tmp_path_factory, moe_models, shared_ray) -> Runs:
+    return Runs(moe_models, tmp_path_factory.mktemp("moe-runs"))
 
 
 def export_tensors(run_dir) -> dict[str, torch.Tensor]:
@@ -230,6 +242,10 @@ def test_moe_runs_compress_every_expert_leave_routers_dense_and_reload(kind, met
     experts = [l for s in partition.shards for l in s.linears if l.expert]
     if method != "2of4":  # every expert's projections packed, per expert, as vLLM's fused-MoE loader reads them
         assert all(f"{l.name}.weight_packed" in exported and l.weight_key not in exported for l in experts)
+        ignore = json.loads((report["dir"] / "model" / "config.json").read_text())["quantization_config"]["ignore"]
+        assert all(l.name in ignore and l.weight_key.removesuffix(".weight") in ignore for l in routers)
+    first = MOE_BLOCKS[kind][0]  # the load check reached the first block with experts
+    assert report["size"]["load_check"]["slice"].endswith(f"model.layers.0-{first}" if first else "model.layers.0")
 
     # transformers loads the whole export (the experts dequantized into its fused parameters) and computes
     # the logits the run evaluated
