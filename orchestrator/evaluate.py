@@ -212,8 +212,8 @@ def evaluate_folders(model_dir: str | Path, baseline_dir: str | Path | None, cau
     if causal:
         routers = {name: RouterLog(model) for name, model in models.items()}
         result = perplexities(models, tokenizer, cfg)
-        for log in routers.values():
-            log.close()
+        for chosen in routers.values():
+            chosen.close()
         quality = {name: result[name].summary() if name in result else None for name in ("dense", "compressed")}
         quality["kl_nats"] = result["kl_nats"]
         agreement = router_agreement(routers["dense"], routers["compressed"]) if "dense" in routers else None

@@ -75,19 +75,15 @@ def build(result: RunResult) -> dict:
         "cost": cost(plan, shards, result.phases),
         "plan": plan.forecast.summary() if plan.forecast else None,
         "memory": memory(plan, shards, result.driver_peak_rss),
-        "cluster": {
-            "address": recipe.config.cluster.address or "local",
-            "workers": recipe.config.cluster.workers,
-            "cpus_per_worker": recipe.config.cluster.cpus_per_worker,
-            "gpus_per_worker": result.gpus_per_worker,
-        },
+        "cluster": {"address": recipe.config.cluster.address or "local", "workers": recipe.config.cluster.workers,
+                    "cpus_per_worker": recipe.config.cluster.cpus_per_worker,
+                    "gpus_per_worker": result.gpus_per_worker},
         "shards": shards,
         "mlflow": None,
         "store": {"shards_reused": result.compressed.reused, "shards_computed": result.compressed.computed,
                   "retries": result.retries},
     }
-    moe = experts_summary(plan, shards)
-    if moe:
+    if moe := experts_summary(plan, shards):  # mixture-of-experts models only
         data["experts"] = moe
     if result.recovery:
         data["recover"] = result.recovery | {"perplexity_after": (result.quality.get("compressed") or {}).get("perplexity")}

@@ -30,8 +30,8 @@ os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 # The slowest files first (minutes each, from `--durations`), so that `pytest -n 2 --dist loadfile
 # --no-loadscope-reorder` (the README's test command) starts them at once and fills in with the short ones.
 SLOWEST_FIRST = ["test_export.py", "test_recover.py", "test_chaos.py", "test_multinode.py", "test_cluster.py",
-                 "test_planner.py", "test_regressions.py", "test_measure.py", "test_e2e.py", "test_unchanged.py",
-                 "test_calibrated_e2e.py", "test_bad_input.py", "test_reference.py", "test_ui.py"]
+                 "test_planner.py", "test_moe.py", "test_regressions.py", "test_measure.py", "test_e2e.py",
+                 "test_unchanged.py", "test_calibrated_e2e.py", "test_bad_input.py", "test_reference.py", "test_ui.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -30,8 +30,13 @@ SCHEMES = {  # data-free, so the test can recompute the expected weights itself
     "2of4": [{"method": "magnitude", "pattern": "2:4"}],
     "2of4-w4g128": [{"method": "magnitude", "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 128}],
 }
-ARCHS = ["llama", "qwen2", "mistral", "opt", "gpt2", "bert", "minilm", "llama-bf16"]
+ARCHS = ["llama", "qwen2", "opt", "gpt2", "bert", "minilm", "llama-bf16"]
 ENCODERS = {"bert", "minilm"}
+# the main formats on every architecture; the variants (per-channel, asymmetric int8, 2:4 with 4 bits) where
+# the layout differs: GPT-2's Conv1D layers stay dense whatever the grid, Qwen2 and MiniLM add nothing new
+VARIANTS_ON = {"llama", "opt", "bert", "llama-bf16"}
+CASES = [(arch, scheme) for arch in ARCHS for scheme in SCHEMES
+         if scheme in ("w4g128", "2of4") or arch in VARIANTS_ON]
 
 
 def write_recipe(path, model_dir, stages, name):
@@ -93,6 +98,8 @@ def exports(tmp_path_factory, shared_ray):
     for arch in ARCHS:
         model_dir = model_folder(arch, root)
         for scheme, stages in SCHEMES.items():
+            if (arch, scheme) not in CASES:
+                continue
             name = f"{arch}-{scheme}"
             recipe = write_recipe(root / f"{name}.yaml", model_dir, stages, name)
             overrides = [f"output.dir={root / 'runs'}"]
@@ -110,8 +117,7 @@ def exports(tmp_path_factory, shared_ray):
     return torch.load(root / "loaded.pt", weights_only=True), expected, reports
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "scheme"), CASES)
 def test_export_loads_with_the_compressed_models_outputs(arch, scheme, exports):
     loaded, expected, reports = exports
     name = f"{arch}-{scheme}"

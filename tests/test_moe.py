@@ -185,7 +185,7 @@ def test_an_expert_the_router_never_chose_gets_finite_statistics_and_a_finite_gr
     assert found[("all-tokens", 0)][0]["under_calibrated"] == []  # min_tokens 0: nobody recalibrated
 
 
-SMALL = ["data.calibration.num_samples=16", "data.calibration.seq_len=64", "data.eval.max_windows=8",
+SMALL = ["data.calibration.num_samples=16", "data.calibration.seq_len=64", "data.eval.max_windows=4",
          "data.eval.speed=false", "tracking.enabled=false"]
 METHODS = {  # the recipes, at group size 32 / the 2:4 pattern (the experts' widths are 64)
     "rtn": ("rtn-w4g128", ["stages.0.group_size=32"]),
