@@ -142,8 +142,9 @@ def finish_export_folder(plan, compressed: Compressed) -> dict:
     all_linears = list(dict.fromkeys(linear_modules(skeleton(config, plan.recipe.config.model.trust_remote_code))
                                      + extra))
     export = compressed.export
+    in_features = {l.name: l.in_features for s in plan.partition.shards for l in s.linears}
     fmt = finish_export(compressed.evaluated.folder, export.folder, export.weight_map, export.tensor_bytes,
-                        compressed.quantized, all_linears)
+                        compressed.quantized, all_linears, in_features)
     fsync_dir(export.folder)
     return {"format": fmt, "tensor_bytes": export.tensor_bytes, "quantized_layer_bytes": compressed.packed_bytes,
             "quantized_weights": compressed.quantized_weights}

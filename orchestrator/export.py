@@ -118,11 +118,20 @@ def linear_modules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
-def quantization_config(layers: list[QuantizedLayer], all_linears: list[str]) -> dict:
-    """config.json's quantization_config, built and serialised by the library."""
+def quantization_config(layers: list[QuantizedLayer], all_linears: list[str], in_features: dict[str, int]) -> dict:
+    """config.json's quantization_config, built and serialised by the library.
+
+    A layer quantized per channel whose width equals the group size of another layer's scheme (same bits,
+    same symmetry) is listed in that scheme: one group per row is one scale per channel, packed to the
+    same tensors. So groups of 128 on a model with 128-wide layers stay one scheme, targeting `Linear`,
+    which is also the only form that reaches the experts of a mixture-of-experts model (they are no
+    modules of their own in transformers, so a list of names cannot)."""
+    schemes = {layer.scheme for layer in layers}
     by_scheme: dict[Scheme, list[str]] = defaultdict(list)
     for layer in layers:
-        by_scheme[layer.scheme].append(layer.module)
+        s = layer.scheme
+        twin = Scheme(s.bits, in_features[layer.module], s.symmetric) if s.group_size == -1 else None
+        by_scheme[twin if twin in schemes else s].append(layer.module)
     quantized = {layer.module for layer in layers}
     ignore = [name for name in all_linears if name not in quantized]
     groups = {}
@@ -155,7 +164,7 @@ def pack_shard(tensors: dict[str, torch.Tensor], layers: list[QuantizedLayer],
 
 
 def finish_export(dense_dir: Path, out_dir: Path, weight_map: dict[str, str], tensor_bytes: int,
-                  layers: list[QuantizedLayer], all_linears: list[str]) -> str:
+                  layers: list[QuantizedLayer], all_linears: list[str], in_features: dict[str, int]) -> str:
     """The packed files are in out_dir (the workers wrote them): add the index, the config (with the
     quantization_config), tokenizer and recipe from dense_dir, and the manifest. -> the format."""
     write_index(out_dir, weight_map, tensor_bytes)
@@ -164,7 +173,7 @@ def finish_export(dense_dir: Path, out_dir: Path, weight_map: dict[str, str], te
     if layers:
         config_path = out_dir / "config.json"
         config = json.loads(config_path.read_text())
-        config["quantization_config"] = quantization_config(layers, all_linears)
+        config["quantization_config"] = quantization_config(layers, all_linears, in_features)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         fmt = f"compressed-tensors {config['quantization_config']['format']}"
     write_manifest(out_dir)

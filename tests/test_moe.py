@@ -306,3 +306,13 @@ def test_an_unrouted_expert_is_reported_and_compressed_from_every_token(unrouted
     assert report["experts"]["under_calibrated_policy"] == "all-tokens"
     layers = {l["name"]: l for s in report["shards"] for l in s["layers"]}
     assert layers["model.layers.1.mlp.experts.0.gate_proj"]["relative_error"] < 0.5
+
+
+@pytest.mark.slow
+def test_groups_as_wide_as_a_layer_stay_one_scheme_so_the_experts_load(moe_models, tmp_path, shared_ray):
+    # groups of 64 on 64-wide attention layers (one scale per channel) and 128-wide expert down projections:
+    # one scheme targeting Linear, the only form transformers applies to experts (no modules of their own)
+    report = run("mixtral", "rtn", moe_models, tmp_path, "stages.0.group_size=64")
+    qc = json.loads((report["dir"] / "model" / "config.json").read_text())["quantization_config"]
+    assert [g["targets"] for g in qc["config_groups"].values()] == [["Linear"]]
+    assert report["size"]["load_check"]["max_logit_error"] <= 1e-4
