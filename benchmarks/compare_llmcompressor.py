@@ -196,17 +196,29 @@ def linear_summary(dense_dir: Path, out_dir: Path) -> dict:
             "zero_fraction": zeros / numel if numel else 0.0, "changed_names": changed}
 
 
-def peer_logits_check(peer_out: Path) -> float:
-    """Max |logit difference| between the peer's in-venv model and its checkpoint loaded here."""
+LOAD_TOLERANCE = 1e-3  # max |logit difference| above which the peer's checkpoint does not load as it was
+
+
+def peer_logits_check(peer_out: Path) -> tuple[float, int]:
+    """(max |logit difference| between the peer's in-venv model and its checkpoint loaded here, the number of
+    the model's tensors that checkpoint lacks: transformers initialises those at random)."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     ref = load_file(str(peer_out / "peer_logits.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(peer_out / "model", dtype="auto").eval()
+    model, info = AutoModelForCausalLM.from_pretrained(peer_out / "model", dtype="auto", output_loading_info=True)
     with torch.no_grad():
-        logits = model(input_ids=ref["input_ids"][None]).logits[0].float()
-    return float((logits - ref["logits"]).abs().max())
+        logits = model.eval()(input_ids=ref["input_ids"][None]).logits[0].float()
+    return float((logits - ref["logits"]).abs().max()), len(info["missing_keys"])
+
+
+def peer_ppl_cell(r: dict) -> str:
+    """The peer's perplexity, or why it says nothing: its checkpoint did not load as it was saved."""
+    err, missing = r.get("peer_logit_max_err"), r.get("peer_missing_tensors") or 0
+    if err is not None and (err > LOAD_TOLERANCE or missing):
+        return f"not valid: its checkpoint loads {missing} tensors short (logit error {err:.3g})"
+    return fmt(r.get("peer_ppl"), 3)
 
 
 # ---------------------------------------------------------------- tables
@@ -225,7 +237,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['case']} | {fmt(r['ours']['wall_s'], 1)} | {fmt(r['peer']['wall_s'], 1)} "
             f"| {fmt(ratio(r['ours']['wall_s'], r['peer']['wall_s']))} | {fmt(r['ours']['peak_rss_mb'], 0)} "
             f"| {fmt(r['peer']['peak_rss_mb'], 0)} | {fmt(r.get('dense_ppl'), 3)} | {fmt(r.get('ours_ppl'), 3)} "
-            f"| {fmt(r.get('peer_ppl'), 3)} | {fmt(r.get('ppl_increase_ratio'))} |")
+            f"| {peer_ppl_cell(r)} | {fmt(r.get('ppl_increase_ratio'))} |")
     lines += ["", "Details: the tools' own core time (ours: report.json timing.phases.compress; peer: oneshot "
                   "only), peak summed PSS, layers changed vs dense and their zero fraction, and the peer "
                   "checkpoint's logit check (its in-venv logits vs the checkpoint loaded in our venv).", "",
@@ -411,7 +423,10 @@ def compare(args, bench: Bench) -> int:
                        ppl_increase_ratio=ratio(ours_ppl - dense_ppl, peer_ppl - dense_ppl),
                        ours_layers=linear_summary(model_dir, ours_model),
                        peer_layers=linear_summary(model_dir, peer_model),
-                       peer_logit_max_err=peer_logits_check(peer_model.parent))
+                       **dict(zip(("peer_logit_max_err", "peer_missing_tensors"),
+                                  peer_logits_check(peer_model.parent))))
+            if row["peer_logit_max_err"] > LOAD_TOLERANCE or row["peer_missing_tensors"]:
+                row["ppl_increase_ratio"] = None  # the peer's figure is of a partly random model
             row["same_layers"] = row["ours_layers"]["changed_names"] == row["peer_layers"]["changed_names"]
             if not row["same_layers"]:
                 print(f"WARNING [{case}]: the tools changed different Linear layers: ours "
