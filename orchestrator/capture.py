@@ -114,7 +114,8 @@ def build_blocks(kind: BlockKind, shard: Shard, tensors: dict[str, torch.Tensor]
         marker = f"{shard.block_prefix}.{b}."
         state = {k.split(marker, 1)[1]: t for k, t in module_state.items() if marker in k}
         missing, unexpected = block.load_state_dict(state, strict=False, assign=True)
-        missing = [k for k in missing if k in dict(block.named_parameters())]  # a buffer may keep its own value
+        params = {name for name, _ in block.named_parameters()}
+        missing = [k for k in missing if k in params]  # a buffer may keep its own value
         if missing or unexpected:
             raise RuntimeError(f"block {b}: the shard's tensors do not fit {kind.block_class.__name__} "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -150,9 +151,15 @@ class HessianSet:
     H: dict[str, torch.Tensor] = field(default_factory=dict)  # leader -> [in, in] float32
     n: dict[str, int] = field(default_factory=dict)  # leader -> tokens in H
     expert_tokens: dict[str, dict[int, int]] = field(default_factory=dict)  # experts module -> expert -> tokens
+    leaders: dict[str, str] = field(default_factory=dict)  # member layer name -> its group's leader
 
     def leader(self, layer_name: str) -> str | None:
-        return next((leader for leader, members in self.groups.items() if layer_name in members), None)
+        return self.leaders.get(layer_name)
+
+    def join(self, leader: str, member: str) -> None:
+        if member not in self.leaders:
+            self.groups.setdefault(leader, []).append(member)
+            self.leaders[member] = leader
 
     def of(self, layer_name: str) -> torch.Tensor | None:
         """The layer's H. No token reached it (an expert the router never chose): the identity, every input
@@ -166,8 +173,8 @@ class HessianSet:
 
     def fold(self, leader: str, members: list[str], x: torch.Tensor) -> None:
         """x [..., in], read by every layer in members, into the group's H."""
-        self.groups.setdefault(leader, [])
-        self.groups[leader] += [m for m in members if m not in self.groups[leader]]
+        for member in members:
+            self.join(leader, member)
         self.H[leader], self.n[leader] = accumulate_hessian(self.H.get(leader), self.n.get(leader, 0), x)
 
 
@@ -183,9 +190,9 @@ def _hooked_modules(blocks: nn.ModuleList, shard: Shard, names: set[str]) -> dic
 
 
 def _attach_recorders(blocks: nn.ModuleList, shard: Shard, experts: list[LinearLayer], hessians: HessianSet,
-                      all_tokens: dict[str, frozenset[int]] | None) -> list[nn.Module]:
+                      all_tokens: dict[str, frozenset[int]] | None) -> list[tuple[str, nn.Module]]:
     """An ExpertRecorder on every experts module of the blocks, folding the inputs of the wanted experts'
-    projections into `hessians`; -> the modules (to detach them afterwards)."""
+    projections into `hessians`; -> (name, module) of each (to detach them afterwards)."""
     wanted: dict[tuple[str, int, str], list[str]] = {}  # (module, expert, input) -> layer names
     for layer in experts:
         wanted.setdefault((layer.expert.module, layer.expert.expert, layer.expert.input_of), []).append(layer.name)
@@ -242,8 +249,8 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
             leader = seen.setdefault(id(x), (x, name))[1]
             if leader == name:
                 hessians.fold(name, [name], x)
-            elif name not in hessians.groups[leader]:
-                hessians.groups[leader].append(name)
+            else:
+                hessians.join(leader, name)
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in sorted(modules.items())]
