@@ -49,7 +49,9 @@ from common import (BENCH, ROOT, SMOKE_MODEL, WORK, Bench, clean_env, fmt, orche
 
 PEER_PYTHON = BENCH / ".peer-venv" / "bin" / "python"
 PEER_SCRIPT = BENCH / "peer_llmcompressor.py"
-CASES = ["gptq-w4g128", "gptq-w3g128", "sparsegpt-50", "wanda-50", "wanda-2of4"]
+CASES = ["gptq-w4g128", "gptq-w3g128", "sparsegpt-50", "wanda-50", "wanda-2of4", "rtn-w4g128", "rtn-w3g128"]
+QUANTIZED = {"gptq-w4g128", "gptq-w3g128", "rtn-w4g128", "rtn-w3g128"}  # --group-size applies to these
+DATA_FREE = {"rtn-w4g128", "rtn-w3g128"}
 
 
 # ---------------------------------------------------------------- measurement
@@ -134,12 +136,12 @@ def run_ours(case: str, model_dir: Path, work: Path, overrides: list[str], worke
 
 
 def run_peer(case: str, model_dir: Path, calib_path: Path, work: Path, batch_size: int,
-             ignore: list[str] = ()) -> tuple[Measured, dict, Path]:
+             ignore: list[str] = (), extra: list[str] = ()) -> tuple[Measured, dict, Path]:
     out = work / "peer" / case
     if out.exists():
         shutil.rmtree(out)
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), str(model_dir), str(calib_path), case, str(out),
-           "--batch-size", str(batch_size)] + (["--ignore", *ignore] if ignore else [])
+           "--batch-size", str(batch_size), *extra] + (["--ignore", *ignore] if ignore else [])
     m = run_measured(cmd, cwd=work, log_path=work / "logs" / f"peer-{case}.log", env=clean_env())
     if m.returncode != 0:
         raise SystemExit(f"llm-compressor failed on {case} (exit {m.returncode}): {' '.join(cmd)}\n{tail(m.log)}")
@@ -166,6 +168,8 @@ def save_calibration(model_dir: Path, cfg, path: Path):
 
 def check_same_calibration(case: str, report: dict, digest: str) -> None:
     theirs = (report.get("calibration") or {}).get("sha256")
+    if theirs is None and case in DATA_FREE:  # RTN reads no calibration data, in neither tool
+        return
     if theirs != digest:
         raise SystemExit(f"FAIL {case}: our tool calibrated on different token ids than the ones given to the peer: "
                          f"report.json calibration.sha256={theirs}, saved ids sha256={digest}")
@@ -199,18 +203,60 @@ def linear_summary(dense_dir: Path, out_dir: Path) -> dict:
 LOAD_TOLERANCE = 1e-3  # max |logit difference| above which the peer's checkpoint does not load as it was
 
 
-def peer_logits_check(peer_out: Path) -> tuple[float, int]:
-    """(max |logit difference| between the peer's in-venv model and its checkpoint loaded here, the number of
-    the model's tensors that checkpoint lacks: transformers initialises those at random)."""
+def load_peer(model_dir: Path, threads: int):
+    """The peer's checkpoint as our venv's transformers loads it -> (model, the names of the model's tensors
+    it left unset: transformers initialises those at random). llm-compressor 0.14 saves an MoE model's
+    experts under its own linearized names (mlp.experts.E.gate_proj ...), which transformers does not map
+    into its fused expert parameters; those are filled from compressed-tensors' own decoding of the
+    peer's packed tensors (gate_up_proj [E, 2I, H] = gate over up, down_proj [E, H, I]), and the result is
+    checked against the peer's in-venv logits (peer_logits_check) before its perplexity counts."""
+    import re
+
     import torch
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    ref = load_file(str(peer_out / "peer_logits.safetensors"))
-    model, info = AutoModelForCausalLM.from_pretrained(peer_out / "model", dtype="auto", output_loading_info=True)
+    from orchestrator.evaluate import load
+
+    _, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", output_loading_info=True)
+    model, missing = load(model_dir, True, threads), list(info["missing_keys"])
+    fused = [k for k in missing if re.fullmatch(r".*\.experts\.(gate_up_proj|down_proj)", k)]
+    if not fused:
+        return model, missing
+    quant = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+    (group,) = quant["config_groups"].values()
+    scheme = QuantizationScheme(**{**group, "format": quant["format"]})
+    compressor = BaseCompressor.get_value_from_registry(quant["format"])
+    tensors = {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    def decoded(block: str, expert: int, projection: str) -> torch.Tensor:
+        """One expert's projection, saved as e.g. model.layers.0.block_sparse_moe.experts.3.gate_proj.*"""
+        name = re.compile(rf"{re.escape(block)}\.[^.]+\.experts\.{expert}\.{projection}\.")
+        local = {k[name.match(k).end():]: v for k, v in tensors.items() if name.match(k)}
+        return compressor.decompress(local, scheme)["weight"]
+
     with torch.no_grad():
-        logits = model.eval()(input_ids=ref["input_ids"][None]).logits[0].float()
-    return float((logits - ref["logits"]).abs().max()), len(info["missing_keys"])
+        for key in fused:  # e.g. model.layers.0.mlp.experts.gate_up_proj
+            block, kind = key.rsplit(".", 3)[0], key.rsplit(".", 1)[1]
+            param = model.get_parameter(key)
+            projections = ["gate_proj", "up_proj"] if kind == "gate_up_proj" else ["down_proj"]
+            for e in range(param.shape[0]):
+                param[e] = torch.cat([decoded(block, e, p) for p in projections]).to(param.dtype)
+            missing.remove(key)
+    return model, missing
+
+
+def peer_logits_check(model, peer_out: Path) -> float:
+    """Max |logit difference| between the peer's in-venv model and its checkpoint as loaded here."""
+    import torch
+    from safetensors.torch import load_file
+
+    ref = load_file(str(peer_out / "peer_logits.safetensors"))
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"][None]).logits[0].float()
+    return float((logits - ref["logits"]).abs().max())
 
 
 def peer_ppl_cell(r: dict) -> str:
@@ -225,6 +271,12 @@ def peer_ppl_cell(r: dict) -> str:
 
 def ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
+
+
+def increase_ratio(dense: float, ours: float, peer: float) -> float | None:
+    """Our perplexity increase over the peer's; None unless both increased (a random model's perplexity
+    can fall under quantization noise: a ratio of two falls says nothing)."""
+    return ratio(ours - dense, peer - dense) if min(ours, peer) > dense else None
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -271,6 +323,12 @@ def main(argv=None) -> int:
     p.add_argument("--calib-seq-len", type=int, help="override data.calibration.seq_len (both tools)")
     p.add_argument("--eval-seq-len", type=int, help="override data.eval.seq_len (evaluation of both)")
     p.add_argument("--eval-max-windows", type=int, help="override data.eval.max_windows")
+    p.add_argument("--group-size", type=int, help="the quantization cases' group size, both tools (default: "
+                   "the recipes' 128)")
+    p.add_argument("--peer-defaults", action="store_true",
+                   help="GPTQ at llm-compressor's own defaults (act-order static) rather than at our recipes' settings")
+    p.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more override of our recipe (repeatable), e.g. stages.0.act_order=true")
     p.add_argument("--ours-calibration", choices=["parallel", "sequential"],
                    help="our partition.calibration (default: the recipe's, parallel)")
     p.add_argument("--peer-batch-size", type=int,
@@ -374,6 +432,11 @@ def compare(args, bench: Bench) -> int:
             overrides.append(f"data.eval.max_windows={eval_max_windows}")
         if args.ours_calibration:
             overrides.append(f"partition.calibration={args.ours_calibration}")
+        peer_extra = ["--defaults"] if args.peer_defaults else []
+        if args.group_size and case in QUANTIZED:
+            overrides.append(f"stages.0.group_size={args.group_size}")
+            peer_extra += ["--group-size", str(args.group_size)]
+        overrides += args.ours_override
         if eval_switch and not ours_eval:
             overrides.append("data.eval.enabled=false")
         key = (cal.source, cal.num_samples, cal.seq_len, cal.seed)
@@ -389,10 +452,12 @@ def compare(args, bench: Bench) -> int:
         print(f"[{case}] ours {m_ours.wall_s:.1f} s, peak {m_ours.peak_rss_mb:.0f} MB; peer ...", file=sys.stderr,
               flush=True)
         routers = [r"re:.*mlp\.gate$", r"re:.*block_sparse_moe\.gate$"] if args.timing_experts else []
-        m_peer, peer, peer_model = run_peer(case, model_dir, calib_path, work, peer_bs, routers)
+        m_peer, peer, peer_model = run_peer(case, model_dir, calib_path, work, peer_bs, routers, peer_extra)
         print(f"[{case}] peer {m_peer.wall_s:.1f} s, peak {m_peer.peak_rss_mb:.0f} MB", file=sys.stderr, flush=True)
 
-        row = {"case": case,
+        grouped = args.group_size and case in QUANTIZED
+        row = {"case": case.replace("g128", f"g{args.group_size}") if grouped else case,
+               "settings": {"ours": overrides, "peer": peer_extra},
                "ours": {"wall_s": m_ours.wall_s, "peak_rss_mb": m_ours.peak_rss_mb, "peak_pss_mb": m_ours.peak_pss_mb,
                         "peak_procs": m_ours.peak_procs, "core_s": report["timing"]["phases"].get("compress"),
                         "phases": report["timing"]["phases"], "cmd": m_ours.cmd, "log": m_ours.log,
@@ -406,7 +471,9 @@ def compare(args, bench: Bench) -> int:
                         "timing": peer["timing"], "cmd": m_peer.cmd, "log": m_peer.log, "settings": peer},
                "calibration": {"path": str(calib_path), "shape": list(ids.shape), "sha256": digest}}
         if not args.timing_model or args.timing_ppl:
-            from orchestrator.evaluate import perplexity
+            from transformers import AutoTokenizer
+
+            from orchestrator.evaluate import perplexities, perplexity
 
             ecfg = EvalDataConfig(**vars(recipe.config.data.eval))
             if eval_switch:
@@ -418,13 +485,15 @@ def compare(args, bench: Bench) -> int:
             if dense_ppl is None:
                 dense_ppl = perplexity(model_dir, ecfg, threads=args.threads).perplexity
             ours_ppl = perplexity(ours_model, ecfg, threads=args.threads).perplexity
-            peer_ppl = perplexity(peer_model, ecfg, threads=args.threads).perplexity
+            peer_lm, peer_missing = load_peer(peer_model, args.threads)
+            peer_ppl = perplexities({"peer": peer_lm}, AutoTokenizer.from_pretrained(peer_model), ecfg)["peer"].perplexity
             row.update(dense_ppl=dense_ppl, ours_ppl=ours_ppl, peer_ppl=peer_ppl, eval=vars(ecfg),
-                       ppl_increase_ratio=ratio(ours_ppl - dense_ppl, peer_ppl - dense_ppl),
+                       ppl_increase_ratio=increase_ratio(dense_ppl, ours_ppl, peer_ppl),
                        ours_layers=linear_summary(model_dir, ours_model),
                        peer_layers=linear_summary(model_dir, peer_model),
-                       **dict(zip(("peer_logit_max_err", "peer_missing_tensors"),
-                                  peer_logits_check(peer_model.parent))))
+                       peer_logit_max_err=peer_logits_check(peer_lm, peer_model.parent),
+                       peer_missing_tensors=len(peer_missing))
+            del peer_lm
             if row["peer_logit_max_err"] > LOAD_TOLERANCE or row["peer_missing_tensors"]:
                 row["ppl_increase_ratio"] = None  # the peer's figure is of a partly random model
             row["same_layers"] = row["ours_layers"]["changed_names"] == row["peer_layers"]["changed_names"]

@@ -10,7 +10,10 @@ CALIB is a .safetensors (key "input_ids") or .pt file holding an int64 tensor
 shuffling, no truncation: num_calibration_samples = n, max_seq_length =
 seq_len), so the peer sees exactly the windows our tool saw.
 
-Cases, each set to the project's recipe defaults (recipes/<case>.yaml):
+Cases, each set to the project's recipe defaults (recipes/<case>.yaml; --group-size changes the
+quantization cases' groups, --defaults puts GPTQ at llm-compressor's own defaults):
+  rtn-w4g128   QuantizationModifier, int4 weights, groups of 128, symmetric, min-max
+  rtn-w3g128   the same with int3 weights
   gptq-w4g128  GPTQModifier, int4 weights, groups of 128, symmetric, act_order
                off (actorder=None), dampening_frac 0.01, block_size 128
   gptq-w3g128  the same with int3 weights
@@ -64,18 +67,36 @@ def load_ids(path: Path):
     return ids
 
 
+SETTINGS = {"group_size": 128, "defaults": False}  # --group-size, --defaults
+
+
+def weights(bits: int) -> dict:
+    """int weights, symmetric, in groups; with --defaults the observer is left to the library (min-max)."""
+    args = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group",
+            "group_size": SETTINGS["group_size"]}
+    return args if SETTINGS["defaults"] else {**args, "actorder": None, "observer": "memoryless_minmax"}
+
+
 def gptq(bits: int):
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
-               "actorder": None, "observer": "memoryless_minmax"}
+    if SETTINGS["defaults"]:  # the library's own GPTQ settings (0.14: actorder "static", dampening 0.01)
+        return GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights(bits)}},
+                            ignore=IGNORE + EXTRA_IGNORE)
     return GPTQModifier(
-        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights(bits)}},
         ignore=IGNORE + EXTRA_IGNORE,
         block_size=128,
         dampening_frac=0.01,
         actorder=None,  # our act_order: false
     )
+
+
+def rtn(bits: int):
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    return QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights(bits)}},
+                                ignore=IGNORE + EXTRA_IGNORE)
 
 
 def sparsegpt(sparsity: float):
@@ -92,6 +113,8 @@ def wanda(sparsity: float, mask_structure: str = "0:0"):
 
 
 CASES = {
+    "rtn-w4g128": lambda: rtn(4),
+    "rtn-w3g128": lambda: rtn(3),
     "gptq-w4g128": lambda: gptq(4),
     "gptq-w3g128": lambda: gptq(3),
     "sparsegpt-50": lambda: sparsegpt(0.5),
@@ -113,8 +136,13 @@ def main(argv=None) -> int:
     p.add_argument("--ignore", nargs="*", default=[], help="more modules to leave dense (GPTQ cases), e.g. "
                    "an MoE model's routers: re:.*mlp\\.gate$ (oneshot linearizes MoE experts itself, and by "
                    "default sends every calibration token through every expert: moe_calibrate_all_experts)")
+    p.add_argument("--group-size", type=int, default=128, help="the quantization cases' group size (their names "
+                   "say 128)")
+    p.add_argument("--defaults", action="store_true", help="GPTQ at llm-compressor's own defaults (act-order "
+                   "static, its observer) instead of the project recipes' settings")
     args = p.parse_args(argv)
     EXTRA_IGNORE.extend(args.ignore)
+    SETTINGS.update(group_size=args.group_size, defaults=args.defaults)
 
     t_start = time.perf_counter()
     import torch
@@ -171,7 +199,7 @@ def main(argv=None) -> int:
         "model_dir": str(Path(args.model_dir).resolve()),
         "calibration": {"path": str(Path(args.calibration).resolve()), "num_samples": n, "seq_len": seq_len},
         "modifier": {"class": type(modifier).__name__, **json.loads(modifier.model_dump_json(exclude_none=True))},
-        "ignore": IGNORE + EXTRA_IGNORE,
+        "ignore": IGNORE + EXTRA_IGNORE, "settings": dict(SETTINGS),
         "oneshot": {"pipeline": "independent (-> sequential)", "batch_size": args.batch_size,
                     "shuffle_calibration_samples": False, "save_compressed": not args.save_dense},
         "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,

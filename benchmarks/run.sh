@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the measurements behind benchmarks/RESULTS.md and the figures in README.md.
 #
-#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10
+#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10 11 12
 #
 # Each section writes its tables (markdown) with their JSON beside them (the
 # numbers, commit, uncommitted files, machine, command line, load average) into
@@ -20,6 +20,8 @@
 #   8 faults injected, bad input         faults.py (pytest -m chaos, tests/test_bad_input.py)
 #   9 recovery by distillation           recovery.py
 #  10 a mixture-of-experts model         compare_llmcompressor.py (random Mixtral >= 1 GB, 8 experts, GPTQ W4)
+#  11 a real pretrained model (SmolLM2)  compare_llmcompressor.py (groups of 64, the peer at its defaults)
+#  12 ablation on SmolLM2               ablation.py (each quality option alone, W4 and W3 g64, 3 seeds)
 #
 # --smoke: every script end to end on the micro reference model with a few
 # short windows (and a tiny random Llama where a section builds one), into
@@ -36,11 +38,11 @@ sections=()
 for arg in "$@"; do
   case $arg in
     --smoke) smoke=(--smoke); results=benchmarks/.work/smoke/results; work=benchmarks/.work/smoke ;;
-    [1-9]|10) sections+=("$arg") ;;
-    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-10)" >&2; exit 2 ;;
+    [1-9]|10|11|12) sections+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-12)" >&2; exit 2 ;;
   esac
 done
-[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10)
+[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10 11 12)
 [ -x "$py" ] || { echo "error: $py not found: run scripts/setup.sh first" >&2; exit 2; }
 mkdir -p "$results" "$work/logs"
 exec 9>benchmarks/.work/run.lock
@@ -78,6 +80,15 @@ section() {
         [ ${#smoke[@]} -eq 0 ] || shape=128,2,256,2
         peer && compare moe 10-moe --timing-model --timing-experts 8 --timing-ppl --timing-shape "$shape" \
           --eval-max-windows 16 ;;
+    11) model=(--model reference:smollm2 --calib-samples 64 --calib-seq-len 256 --eval-seq-len 256
+               --eval-max-windows 64)  # issue 17's set-up: 64 x 256 calibration tokens, 64 x 256 held out
+        [ ${#smoke[@]} -eq 0 ] || model=()
+        peer && compare smollm2 11-smollm2 "${model[@]}" --group-size 64 --peer-defaults \
+          --cases rtn-w4g128,gptq-w4g128,rtn-w3g128,gptq-w3g128,sparsegpt-50,wanda-50 ;;
+    12) model=(--model reference:smollm2 --group-size 64 --calib-samples 64 --calib-seq-len 256 --eval-seq-len 256
+               --eval-max-windows 64)
+        [ ${#smoke[@]} -eq 0 ] || model=()
+        bench ablation.py 12-ablation "${model[@]}" ;;
   esac
 }
 

@@ -81,6 +81,7 @@ def shard_record(shard: Shard, result: ShardResult, attempts: int) -> dict:
     record = {
         "index": shard.index,
         "modules": shard.modules,
+        **({"expert_range": list(shard.experts)} if shard.experts else {}),  # a part of an expert-split block
         "seconds": round(result.seconds, 3),
         "capture_seconds": round(result.capture_seconds, 3),
         "cpu_seconds": round(result.cpu_seconds, 3),

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -24,7 +25,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.initialization import no_init_weights
 
-from orchestrator.experts import RECORDER, CheckpointLayout, ExpertRecorder, is_experts_module, with_capture
+from orchestrator.experts import (FIRST_EXPERT, OUTPUTS, RECORDER, CheckpointLayout, ExpertOutputs, ExpertRecorder,
+                                  is_experts_module, with_capture)
 from orchestrator.partition import CAUSAL_LM, LinearLayer, Shard, find_blocks, task_of
 from orchestrator.techniques.hessian import accumulate_hessian
 
@@ -105,7 +107,8 @@ def block_kind(config: PretrainedConfig) -> BlockKind:
 
 
 def build_blocks(kind: BlockKind, shard: Shard, tensors: dict[str, torch.Tensor]) -> nn.ModuleList:
-    """The shard's blocks as real modules holding the given tensors (checkpoint keys)."""
+    """The shard's blocks as real modules holding the given tensors (checkpoint keys). A part of an
+    expert-split block holds only its range of experts: its fused expert parameters are that range."""
     blocks = nn.ModuleList()
     module_state = kind.layout.to_module(tensors)
     for b in shard.blocks:
@@ -113,14 +116,64 @@ def build_blocks(kind: BlockKind, shard: Shard, tensors: dict[str, torch.Tensor]
             block = kind.block_class(kind.config, layer_idx=b)
         marker = f"{shard.block_prefix}.{b}."
         state = {k.split(marker, 1)[1]: t for k, t in module_state.items() if marker in k}
+        held = _held_experts(block, state, shard.experts) if shard.experts is not None else {}
         missing, unexpected = block.load_state_dict(state, strict=False, assign=True)
         params = {name for name, _ in block.named_parameters()}
-        missing = [k for k in missing if k in params]  # a buffer may keep its own value
+        missing = [k for k in missing if k in params and k not in held]  # a buffer may keep its own value
         if missing or unexpected:
             raise RuntimeError(f"block {b}: the shard's tensors do not fit {kind.block_class.__name__} "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for name, tensor in held.items():
+            module_name, param = name.rsplit(".", 1)
+            setattr(block.get_submodule(module_name), param, nn.Parameter(tensor, requires_grad=False))
         blocks.append(block.eval())
     return blocks
+
+
+def _held_experts(block: nn.Module, state: dict[str, torch.Tensor], experts: tuple[int, int]) -> dict:
+    """The fused expert parameters of a part holding `experts` [start, stop), taken out of `state` (their
+    first dimension is the range, not every expert): -> name -> tensor ([0, ...] where it holds none)."""
+    held = {}
+    dtype = next(iter(state.values())).dtype
+    for mname, module in block.named_modules():
+        if is_experts_module(module):
+            for pname, param in module.named_parameters(recurse=False):
+                name = f"{mname}.{pname}"
+                held[name] = state.pop(name, None)
+                if held[name] is None:
+                    held[name] = torch.empty((0, *param.shape[1:]), dtype=dtype)
+            setattr(module, FIRST_EXPERT, experts[0])
+    return held
+
+
+@contextlib.contextmanager
+def expert_outputs(blocks: nn.ModuleList, shard: Shard, replay: dict[str, list[dict]] | None = None):
+    """While the blocks run: every experts module keeps its held experts' routed outputs, and replays
+    `replay`'s (experts module -> per batch: expert -> y) for the others; yields experts module -> its
+    ExpertOutputs."""
+    attached = {}
+    if shard.experts is None and replay is None:  # whole blocks: every expert is here, nothing to keep
+        yield attached
+        return
+    for name, module in _experts_modules(blocks, shard):
+        attached[name] = ExpertOutputs(replay.get(name) if replay else None)
+        setattr(module, OUTPUTS, attached[name])
+    try:
+        yield attached
+    finally:
+        for name, module in _experts_modules(blocks, shard):
+            delattr(module, OUTPUTS)
+
+
+def replay_of(parts: tuple[dict[str, list[dict]], ...], batches: int) -> dict[str, list[dict]]:
+    """The parts' kept expert outputs (each: experts module -> per batch: expert -> y) as one replay."""
+    return {module: [{e: y for part in parts for e, y in part[module][batch].items()} for batch in range(batches)]
+            for module in parts[0]}
+
+
+def _experts_modules(blocks: nn.ModuleList, shard: Shard) -> list[tuple[str, nn.Module]]:
+    return [(f"{shard.block_prefix}.{b}.{mname}", module) for b, block in zip(shard.blocks, blocks)
+            for mname, module in block.named_modules() if is_experts_module(module)]
 
 
 # Layer names whose inputs are one tensor in the architectures we know (q/k/v or query/key/value; gate/up;
@@ -197,20 +250,16 @@ def _attach_recorders(blocks: nn.ModuleList, shard: Shard, experts: list[LinearL
     for layer in experts:
         wanted.setdefault((layer.expert.module, layer.expert.expert, layer.expert.input_of), []).append(layer.name)
     modules = []
-    for b, block in zip(shard.blocks, blocks):
-        for mname, module in block.named_modules():
-            if not is_experts_module(module):
-                continue
-            full = f"{shard.block_prefix}.{b}.{mname}"
+    for full, module in _experts_modules(blocks, shard):
 
-            def on_input(expert: int, input_name: str, x: torch.Tensor, full=full) -> None:
-                members = wanted.get((full, expert, input_name))
-                if members:
-                    hessians.fold(members[0], members, x)
+        def on_input(expert: int, input_name: str, x: torch.Tensor, full=full) -> None:
+            members = wanted.get((full, expert, input_name))
+            if members:
+                hessians.fold(members[0], members, x)
 
-            chosen = None if all_tokens is None else all_tokens.get(full, frozenset())
-            setattr(module, RECORDER, ExpertRecorder(on_input, chosen))
-            modules.append((full, module))
+        chosen = None if all_tokens is None else all_tokens.get(full, frozenset())
+        setattr(module, RECORDER, ExpertRecorder(on_input, chosen))
+        modules.append((full, module))
     return modules
 
 

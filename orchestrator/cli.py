@@ -353,12 +353,14 @@ def cmd_reference_build(args) -> int:
 
 
 def cmd_reference_list(args) -> int:
-    from orchestrator.reference import PACKAGED_MODELS, REFERENCE_MODELS
+    from orchestrator.reference import GGUF_MODELS, PACKAGED_MODELS, REFERENCE_MODELS
 
     for name, spec in REFERENCE_MODELS.items():
         print(f"reference:{name}  {spec}")
     for name, (package, _) in PACKAGED_MODELS.items():
         print(f"reference:{name}  pretrained, from the {package} package")
+    for name, (package, fname) in GGUF_MODELS.items():
+        print(f"reference:{name}  pretrained, from the {package} package's {fname} (converted on first use)")
     return 0
 
 

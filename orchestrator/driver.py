@@ -125,8 +125,8 @@ def compress_shards(plan: Plan, pool: ShardPool, layout: Layout, todo: list, com
     retries = Retries(partition.shards, plan.recipe.config.cluster.max_restarts + 1)
     chained = plan.calibrated and pool.sequential
 
-    def ready(shard) -> bool:  # sequential mode: shard k needs shard k-1 compressed and committed
-        return not (chained and shard.index > 0 and shard_key(shard.index - 1) not in commits)
+    def ready(shard) -> bool:  # sequential mode: shard k needs the shards before it compressed and committed
+        return not chained or all(shard_key(k) in commits for k in partition.after(shard))
 
     pending = list(todo)  # in index order: earlier shards first
     with tqdm(total=len(partition.shards), initial=len(partition.shards) - len(todo), desc="compress",
@@ -203,7 +203,7 @@ def measure(plan: Plan, compressed_dir: Path, eval_dir: Path) -> tuple[dict, dic
     threads = int(max(1, plan.recipe.config.cluster.cpus_per_worker))
     causal = plan.partition.task == CAUSAL_LM
     task = ray.remote(num_cpus=threads, max_calls=1)(evaluate.evaluate_folders)
-    result = ray.get(task.remote(str(compressed_dir), str(plan.model_dir), causal, cfg, threads))
+    result = ray.get(task.remote(str(compressed_dir), str(plan.baseline_dir), causal, cfg, threads))
     if causal:
         report.save_sample_logits(eval_dir, result["samples"]["dense"], result["samples"]["compressed"])
     return result["quality"], result["speed"]

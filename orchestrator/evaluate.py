@@ -235,12 +235,19 @@ def evaluate_folders(model_dir: str | Path, baseline_dir: str | Path | None, cau
 
 @torch.no_grad()
 def weight_stats(model: torch.nn.Module, linears: list[str], base: torch.nn.Module | None = None) -> list[dict]:
-    """Per layer (the named Linear modules): sparsity, and against the baseline relative error and SQNR (dB)."""
+    """Per layer (partition.block_linears' names: Linear modules, experts of fused parameters): sparsity,
+    and against the baseline relative error and SQNR (dB)."""
+    def weight(m: torch.nn.Module, name: str) -> torch.Tensor:
+        if name.endswith("]"):  # one expert of a fused experts parameter [E, out, in]
+            param, expert = name[:-1].split("[")
+            return m.get_parameter(param)[int(expert)].float()
+        return m.get_submodule(name).weight.float()
+
     rows = []
     for name in linears:
-        W = model.get_submodule(name).weight.float()
+        W = weight(model, name)
         row = {"name": name, "sparsity": (W == 0).float().mean().item()}
         if base is not None:
-            row["relative_error"], row["sqnr_db"] = weight_error(W, base.get_submodule(name).weight.float())
+            row["relative_error"], row["sqnr_db"] = weight_error(W, weight(base, name))
         rows.append(row)
     return rows

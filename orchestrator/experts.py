@@ -186,26 +186,66 @@ class ExpertRecorder:
             self.on_input(expert, "down_proj", h)
         elif expert in self.all_tokens:
             self.on_input(expert, "gate_up_proj", hidden)
-            self.on_input(expert, "down_proj", module._apply_gate(nn.functional.linear(hidden, module.gate_up_proj[expert])))
+            local = expert - getattr(module, FIRST_EXPERT, 0)
+            self.on_input(expert, "down_proj", module._apply_gate(nn.functional.linear(hidden, module.gate_up_proj[local])))
 
 
 def capture_experts(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts' output for hidden_states [T, H] routed by top_k_index [T, k] with top_k_weights [T, k]:
-    the eager loop's arithmetic, expert by expert, tokens in its order; each expert's inputs go to the
-    module's ExpertRecorder when one is attached."""
+    the eager loop's arithmetic, expert by expert, tokens in its order. Each expert's inputs go to the
+    module's ExpertRecorder when one is attached.
+
+    A module may hold only a range of its experts (a shard of an expert-split block: `FIRST_EXPERT`
+    is the first one's index). With `ExpertOutputs` attached, the held experts' weighted outputs are kept,
+    and the others' are replayed from outputs kept elsewhere: the sum runs in the same order over the same
+    terms, so the block's output has the same bits however its experts were split."""
     recorder: ExpertRecorder | None = getattr(self, RECORDER, None)
+    outputs: ExpertOutputs | None = getattr(self, OUTPUTS, None)
+    replay = outputs.next_replay() if outputs is not None else None
+    first = getattr(self, FIRST_EXPERT, 0)
+    held = range(first, first + len(self.gate_up_proj))
     out = torch.zeros_like(hidden_states)  # [T, H]
     for e in range(self.num_experts):
         slot, token = torch.where(top_k_index.T == e)  # the tokens sent to expert e, and their top-k slot
-        x = hidden_states[token]  # [t, H]
-        h = self._apply_gate(nn.functional.linear(x, self.gate_up_proj[e]))  # [t, I]
-        if recorder is not None:
-            recorder.record(self, e, hidden_states, x, h)
-        if len(token):
-            y = nn.functional.linear(h, self.down_proj[e]) * top_k_weights[token, slot, None]  # [t, H]
-            out.index_add_(0, token, y.to(out.dtype))
+        if e in held:
+            x = hidden_states[token]  # [t, H]
+            h = self._apply_gate(nn.functional.linear(x, self.gate_up_proj[e - first]))  # [t, I]
+            if recorder is not None:
+                recorder.record(self, e, hidden_states, x, h)
+            if not len(token):
+                continue
+            y = (nn.functional.linear(h, self.down_proj[e - first]) * top_k_weights[token, slot, None]).to(out.dtype)
+            if outputs is not None:
+                outputs.keep(e, y)  # [t, H]
+        elif replay is not None and len(token):
+            y = replay[e].to(out.device)
+        else:
+            continue  # an expert this module does not hold, with nothing to replay: left out
+        out.index_add_(0, token, y)
     return out
+
+
+OUTPUTS = "_orchestrator_outputs"  # the attribute of an experts module that holds its ExpertOutputs
+FIRST_EXPERT = "_orchestrator_first_expert"  # ... and the index of the first expert it holds (default 0)
+
+
+class ExpertOutputs:
+    """One experts module's routed outputs, call by call (one call per calibration batch): each held
+    expert's weighted output y [t, H] is kept (on the CPU, for the object store), and `replay[call]`
+    gives the outputs of the experts the module does not hold."""
+
+    def __init__(self, replay: list[dict[int, torch.Tensor]] | None = None):
+        self.kept: list[dict[int, torch.Tensor]] = []
+        self.replay, self.calls = replay, 0
+
+    def next_replay(self) -> dict[int, torch.Tensor] | None:
+        self.kept.append({})
+        self.calls += 1
+        return None if self.replay is None else self.replay[self.calls - 1]
+
+    def keep(self, expert: int, y: torch.Tensor) -> None:
+        self.kept[-1][expert] = y.cpu()
 
 
 ExpertsInterface.register(IMPLEMENTATION, capture_experts)

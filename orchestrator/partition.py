@@ -11,6 +11,7 @@ the module tree (one tensor per expert on disk, fused in memory) plan the same.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +47,22 @@ class Shard:
     index: int
     blocks: tuple[int, ...]
     block_prefix: str  # e.g. model.layers
-    tensor_keys: tuple[str, ...]  # every checkpoint key of these blocks
+    tensor_keys: tuple[str, ...]  # the checkpoint keys this shard writes (every key of its blocks, unless split)
     linears: tuple[LinearLayer, ...]
+    # An expert-split block is cut into parts, one shard each, over a range of its experts: part 0 holds the
+    # rest of the block too (attention, norms, routers, shared experts); the others read those as context.
+    experts: tuple[int, int] | None = None  # [start, stop): the experts of its one block; None: whole blocks
+    context_keys: tuple[str, ...] = ()  # the block's tensors another part writes, read to run the block
 
     @property
     def modules(self) -> list[str]:
         return [f"{self.block_prefix}.{b}" for b in self.blocks]
+
+    @property
+    def label(self) -> str:
+        """Its blocks, and its experts when it is a part of a block, e.g. model.layers.1 experts 4-7."""
+        span = f" experts {self.experts[0]}-{self.experts[1] - 1}" if self.experts else ""
+        return ", ".join(self.modules) + span
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,29 @@ class Partition:
     rest_keys: tuple[str, ...]  # checkpoint keys outside the blocks (embeddings, norms, head)
     key_to_file: dict[str, str]  # checkpoint key -> safetensors file name
     num_params: int
+    experts_per_shard: int | None = None  # mixture-of-experts blocks with more are split in shards of this many
+
+    def parts_of(self, shard: Shard) -> list[Shard]:
+        """The shards of an expert-split block, part 0 first; [shard] for a shard of whole blocks."""
+        if shard.experts is None:
+            return [shard]
+        return [s for s in self.shards if s.experts is not None and s.blocks == shard.blocks]
+
+    def after(self, shard: Shard) -> list[int]:
+        """The shards whose compressed tensors a shard needs in sequential mode: the previous block's
+        (every part of it, if split) and, for parts after the first, their block's part 0 (attention)."""
+        parts = self.parts_of(shard)
+        if parts[0] is not shard:
+            return [parts[0].index]
+        if shard.index == 0:
+            return []
+        return [s.index for s in self.parts_of(self.shards[shard.index - 1])]
+
+    def head_of(self, shard: Shard) -> Shard:
+        """An expert-split block without its experts (attention, norms, routers, shared experts): what
+        runs to add up its parts' expert outputs into the block's output."""
+        part = self.parts_of(shard)[-1]
+        return dataclasses.replace(part, experts=(0, 0), tensor_keys=part.context_keys, context_keys=(), linears=())
 
     def first_expert_block(self) -> int:
         """The first block that holds experts (0 when none does)."""
@@ -94,10 +128,19 @@ def skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Mo
 
 
 def block_linears(model: nn.Module) -> list[str]:
-    """Full names of the Linear (and Conv1D) modules inside the transformer blocks."""
+    """The weight matrices inside the transformer blocks, by full name: the Linear (and Conv1D) modules,
+    and each expert of a fused experts parameter as `<parameter>[<expert>]` (e.g.
+    model.layers.0.mlp.experts.gate_up_proj[3]: expert 3's gate and up projections, [2I, H])."""
     prefix, blocks = find_blocks(model)
-    return [f"{prefix}.{b}.{name}" for b, block in enumerate(blocks)
-            for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    names = []
+    for b, block in enumerate(blocks):
+        for name, m in block.named_modules():
+            if isinstance(m, (nn.Linear, Conv1D)):
+                names.append(f"{prefix}.{b}.{name}")
+            elif is_experts_module(m):
+                names += [f"{prefix}.{b}.{name}.{p}[{e}]" for p, param in m.named_parameters(recurse=False)
+                          if param.dim() == 3 for e in range(param.shape[0])]
+    return names
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -142,7 +185,10 @@ def checkpoint_key(param_name: str, keys: dict[str, str], prefix: str) -> str | 
     return next((c for c in candidates if c and c in keys), None)
 
 
-def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: bool = False) -> Partition:
+def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: bool = False,
+                    experts_per_shard: int | None = None) -> Partition:
+    """The model's blocks in shards of `blocks_per_shard`; with `experts_per_shard`, a block with more
+    experts than that is cut into parts of that many experts (and its shard's other blocks stand alone)."""
     config = load_config(model_dir, trust_remote_code)
     key_to_file = checkpoint_files(model_dir)
     model = skeleton(config, trust_remote_code)
@@ -157,16 +203,20 @@ def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: b
         return key
 
     block_keys: set[str] = set()
-    shards = []
-    for index, start in enumerate(range(0, len(blocks), blocks_per_shard)):
+    shards: list[Shard] = []
+    for start in range(0, len(blocks), blocks_per_shard):
         ids = tuple(range(start, min(start + blocks_per_shard, len(blocks))))
-        keys, linears = [], []
-        for b in ids:
-            block_keys_b, linears_b = block_layers(blocks[b], f"{block_prefix}.{b}", layout, key_of)
-            keys += block_keys_b
-            linears += linears_b
-        block_keys.update(keys)
-        shards.append(Shard(index, ids, block_prefix, tuple(keys), tuple(linears)))
+        layers = {b: block_layers(blocks[b], f"{block_prefix}.{b}", layout, key_of) for b in ids}
+        for keys, _, _ in layers.values():
+            block_keys.update(keys)
+        split = experts_per_shard is not None and any(len(set(e.values())) > experts_per_shard
+                                                       for _, _, e in layers.values())
+        if not split:
+            shards.append(Shard(len(shards), ids, block_prefix, tuple(k for b in ids for k in layers[b][0]),
+                                tuple(l for b in ids for l in layers[b][1])))
+            continue
+        for b in ids:  # each block a shard of its own; those with more experts than experts_per_shard cut
+            shards += block_parts(len(shards), b, block_prefix, *layers[b], experts_per_shard)
     rest = tuple(sorted(k for k in key_to_file if k not in block_keys))
     return Partition(
         task=task_of(config),
@@ -177,15 +227,18 @@ def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: b
         rest_keys=rest,
         key_to_file=key_to_file,
         num_params=sum(p.numel() for p in model.parameters()),
+        experts_per_shard=experts_per_shard,
     )
 
 
 def block_layers(block: nn.Module, block_name: str, layout: CheckpointLayout,
-                 key_of) -> tuple[list[str], list[LinearLayer]]:
-    """One block -> (its checkpoint keys, its compressible layers in module order): the Linear (Conv1D)
-    modules, every expert's projections (2D tensors in the checkpoint, slices of a fused parameter in the
-    module tree; expert by expert), and the routers (flagged, so the default targets leave them alone)."""
+                 key_of) -> tuple[list[str], list[LinearLayer], dict[str, int]]:
+    """One block -> (its checkpoint keys, its compressible layers in module order, the expert each expert's
+    key belongs to). Layers: the Linear (Conv1D) modules, every expert's projections (2D tensors in the
+    checkpoint, slices of a fused parameter in the module tree; expert by expert), and the routers (flagged,
+    so the default targets leave them alone)."""
     keys, weight_key, experts = [], {}, {}  # weight_key: parameters stored whole -> their checkpoint key
+    expert_of: dict[str, int] = {}
     params = dict(block.named_parameters())
     for pname, param in block.state_dict(keep_vars=True).items():  # parameters and persistent buffers
         full = f"{block_name}.{pname}"
@@ -194,6 +247,7 @@ def block_layers(block: nn.Module, block_name: str, layout: CheckpointLayout,
         if pname not in params and not all(key_of(n, required=False) for n in names):
             continue  # a buffer the checkpoint does not store keeps the value the block is built with
         keys += [key_of(n) for n in names]
+        expert_of.update({key_of(n): s.expert for n, s in slices.items()})
         if slices:
             experts[full] = [LinearLayer(n.removesuffix(".weight"), key_of(n), param.shape[2], s.stop - s.start,
                                          False, expert=s) for n, s in slices.items()]
@@ -213,4 +267,24 @@ def block_layers(block: nn.Module, block_name: str, layout: CheckpointLayout,
             out_f, in_f = module.weight.shape[::-1] if transposed else module.weight.shape
             linears.append(LinearLayer(full, weight_key[f"{full}.weight"], in_f, out_f, transposed,
                                        router=full in gates))
-    return keys, linears
+    return keys, linears, expert_of
+
+
+def block_parts(index: int, block: int, block_prefix: str, keys: list[str], linears: list[LinearLayer],
+                expert_of: dict[str, int], experts_per_shard: int) -> list[Shard]:
+    """One block's shards, numbered from `index`: the whole block, or (more experts than experts_per_shard)
+    a part per range of experts, part 0 with the rest of the block, the others reading it as context."""
+    num_experts = len(set(expert_of.values()))
+    if num_experts <= experts_per_shard:
+        return [Shard(index, (block,), block_prefix, tuple(keys), tuple(linears))]
+    head = tuple(k for k in keys if k not in expert_of)
+    parts = []
+    for start in range(0, num_experts, experts_per_shard):
+        stop = min(start + experts_per_shard, num_experts)
+        first = start == 0
+        part_keys = [k for k in keys if (k in head and first) or start <= expert_of.get(k, -1) < stop]
+        part_linears = [l for l in linears if (l.expert is None and first)
+                        or (l.expert is not None and start <= l.expert.expert < stop)]
+        parts.append(Shard(index + len(parts), (block,), block_prefix, tuple(part_keys), tuple(part_linears),
+                           experts=(start, stop), context_keys=() if first else head))
+    return parts

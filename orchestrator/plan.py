@@ -19,7 +19,7 @@ import torch
 from orchestrator.data import Calibration, calibration_windows, eval_sentences, eval_windows
 from orchestrator.errors import UserError
 from orchestrator.partition import CAUSAL_LM, Partition, partition_model
-from orchestrator.planner import Forecast, check_fits, forecast
+from orchestrator.planner import Forecast, check_fits, fits, forecast
 from orchestrator.recipe import CalibrationDataConfig, Recipe, Stage, as_dict
 from orchestrator.store import Fingerprint, RunLock, ShardStore, model_fingerprint, recipe_fingerprint
 
@@ -38,6 +38,12 @@ class Plan:
     forecast: Forecast | None = None  # predicted memory and time (planner.py)
     lock: RunLock | None = None  # held while the run writes its folder (make_plan(lock=True))
     seconds: float = 0.0  # spent planning (a reference model's first build included)
+    dense_dir: Path | None = None  # the model as given, when model_dir is its rotated copy (rotate.py)
+
+    @property
+    def baseline_dir(self) -> Path:
+        """The dense model the compressed one is measured against: the model as the user gave it."""
+        return self.dense_dir or self.model_dir
 
     @property
     def calibrated(self) -> bool:
@@ -49,18 +55,26 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lo
     of the same name (RunLock) until `plan.lock.release()` or the process ends."""
     cfg = recipe.config
     t0 = time.perf_counter()
-    model_dir = resolve_model_dir(cfg.model.path, progress)
-    partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code)
+    model_dir = dense_dir = resolve_model_dir(cfg.model.path, progress)
+    if cfg.rotation.enabled:
+        from orchestrator.rotate import rotated_model
+
+        model_dir = rotated_model(dense_dir, cfg.rotation.seed, progress)  # UserError for an unknown family
+    partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code,
+                                cfg.partition.experts_per_shard)
     check_stages(recipe.stages, partition)
     check_recover(recipe, partition)
     calibration, recover_ids = read_data(recipe, model_dir, partition)
+    partition, predicted = split_experts_to_fit(recipe, model_dir, partition, calibration)
     run_dir = Path(cfg.output.dir).expanduser().resolve() / recipe.run_name
     overwrite = overwrite or cfg.output.overwrite
-    fingerprint = Fingerprint(recipe_fingerprint(as_dict(recipe)), model_fingerprint(model_dir),
+    resolved = as_dict(recipe)  # the shards as cut (the planner may have split experts): a store of others is not reused
+    resolved["partition"]["experts_per_shard"] = partition.experts_per_shard
+    fingerprint = Fingerprint(recipe_fingerprint(resolved), model_fingerprint(model_dir),
                               calibration.sha256 if calibration else None)
     plan = Plan(recipe, model_dir, partition, run_dir, calibration, recover_ids,
-                open_output(run_dir, fingerprint, overwrite))
-    plan = dataclasses.replace(plan, forecast=forecast(plan))
+                open_output(run_dir, fingerprint, overwrite), predicted,
+                dense_dir=dense_dir if dense_dir != model_dir else None)
     check_fits(plan.forecast, plan)
     check_writable(run_dir.parent)  # last of the checks: the probe touches the folder
     if lock:  # another run of the same name may have changed the folder while this one planned: look again
@@ -74,6 +88,24 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lo
     log.debug("planned %s in %.1f s: %d shards, store %s", recipe.run_name, plan.seconds, len(partition.shards),
               plan.store.folder)
     return plan
+
+
+def split_experts_to_fit(recipe: Recipe, model_dir: Path, partition: Partition,
+                         calibration: Calibration | None) -> tuple[Partition, Forecast]:
+    """The partition and its forecast. With `partition.experts_per_shard` unset and whole mixture-of-experts
+    blocks too large for the memory (planner.fits), the experts are split: half a block's experts per shard,
+    then a quarter, ..., the first split that fits (or the finest, which check_fits then refuses)."""
+    cfg = recipe.config
+    predicted = forecast(recipe, model_dir, partition, calibration)
+    most = max((len({l.expert.expert for l in s.linears if l.expert}) for s in partition.shards), default=0)
+    per_shard = most // 2
+    while cfg.partition.experts_per_shard is None and not fits(predicted, recipe) and per_shard >= 1:
+        partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code, per_shard)
+        predicted = forecast(recipe, model_dir, partition, calibration)
+        log.info("whole blocks do not fit: %d experts per shard predicts a %s worker peak", per_shard,
+                 f"{predicted.worker_bytes / 1e9:.2f} GB")
+        per_shard //= 2
+    return partition, predicted
 
 
 def resolve_model_dir(path: str, progress: bool) -> Path:

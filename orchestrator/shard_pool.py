@@ -56,7 +56,7 @@ class Retries:
             self.attempts[k] -= 1
             time.sleep(0.5)
         elif self.attempts[k] >= self.max_attempts:
-            raise ShardFailed(f"shard {k} ({', '.join(shard.modules)}) failed {self.attempts[k]} times; "
+            raise ShardFailed(f"shard {k} ({shard.label}) failed {self.attempts[k]} times; "
                               f"last error: {reason}") from error
 
 
@@ -81,6 +81,7 @@ class ShardPool:
         self.idle = list(self.actors)  # a failed shard's actor goes last, so its retry goes to another first
         self.in_flight: dict[ray.ObjectRef, tuple[Shard, object]] = {}  # result ref -> (shard, its actor)
         self.inputs: dict[int, ray.ObjectRef] = {}  # shard index -> its input hidden states
+        self.part_outputs: dict[int, ray.ObjectRef] = {}  # a part of an expert-split block -> its experts' outputs
         self.block_kwargs: ray.ObjectRef | None = None  # what every block is called with besides them
 
     def has_idle(self) -> bool:
@@ -107,9 +108,11 @@ class ShardPool:
             result = ray.get(ready[0])
         except RayError as e:
             self.inputs.clear()  # the refs may have died with a node; later shards rebuild them
+            self.part_outputs.clear()
             self.block_kwargs = None
             return shard, e
-        self.inputs.pop(shard.index, None)  # shard k's inputs are needed by nobody now
+        if shard.experts is None:
+            self.inputs.pop(shard.index, None)  # shard k's inputs are needed by nobody now (a part's: see input_of)
         return shard, result
 
     def copy_rest(self, keys: list[str], files: ShardFiles, attempt: int = 0) -> ray.ObjectRef:
@@ -122,30 +125,61 @@ class ShardPool:
             ray.kill(actor)
 
     def input_of(self, k: int, actor) -> ray.ObjectRef:
-        """Shard k's input activations, rebuilt on `actor` from the last known link if missing."""
+        """Shard k's input activations (a part's: its block's), rebuilt on `actor` from the last known link
+        if missing. After an expert-split block, they are its parts' expert outputs added up (`combine`)."""
+        partition = self.plan.partition
+        k = partition.parts_of(partition.shards[k])[0].index
         if k not in self.inputs:
             if k == 0:  # the first block's inputs, from the embedding
                 self.inputs[0], self.block_kwargs = actor.embed.options(num_returns=2).remote(
-                    list(self.plan.partition.rest_keys), self.plan.calibration.input_ids,
+                    list(partition.rest_keys), self.plan.calibration.input_ids,
                     self.plan.recipe.config.data.calibration.batch_size)
+                return self.inputs[0]
+            previous = partition.shards[k - 1]
+            parts = partition.parts_of(previous)
+            hidden = self.input_of(parts[0].index, actor)
+            if previous.experts is None:
+                self.inputs[k] = actor.forward.remote(previous, hidden, self.block_kwargs, self.compressed(previous))
             else:
-                previous = self.plan.partition.shards[k - 1]
-                hidden = self.input_of(k - 1, actor)
-                source = self.layout.of_shard(previous).evaluated if self.sequential else None
-                self.inputs[k] = actor.forward.remote(previous, hidden, self.block_kwargs, source)
+                outputs = [self.outputs_of(part, hidden, actor) for part in parts]
+                self.inputs[k] = actor.combine.remote(partition.head_of(previous), hidden, self.block_kwargs,
+                                                      self.compressed(parts[0]), *outputs)
+                for part in parts:  # held by the combine call now
+                    self.part_outputs.pop(part.index)
+                self.inputs.pop(parts[0].index)
         return self.inputs[k]
 
+    def outputs_of(self, part: Shard, hidden: ray.ObjectRef, actor) -> ray.ObjectRef:
+        """A part's expert outputs, rebuilt on `actor` if missing (from its committed file in sequential mode)."""
+        if part.index not in self.part_outputs:
+            head = self.plan.partition.parts_of(part)[0]
+            self.part_outputs[part.index] = actor.forward.remote(part, hidden, self.block_kwargs, self.compressed(part),
+                                                                 self.compressed(head))
+        return self.part_outputs[part.index]
+
+    def compressed(self, shard: Shard) -> str | None:
+        """Where the blocks' outputs are computed from: a committed shard's evaluated file in sequential
+        mode, the checkpoint (None) in parallel mode."""
+        return self.layout.of_shard(shard).evaluated if self.sequential else None
+
     def _submit(self, shard: Shard, actor) -> ray.ObjectRef:
-        """-> the ref of the shard's ShardResult; for calibrated runs, the next shard's inputs are known."""
+        """-> the ref of the shard's ShardResult; for calibrated runs, the next shard's inputs (or a part's
+        expert outputs) are known."""
         k, files = shard.index, self.layout.of_shard(shard)
         compress = actor.compress.options(num_returns=2)
         if not self.plan.calibrated:
             return compress.remote(shard, self.stages, files)[0]
         hidden = self.input_of(k, actor)
-        dense_out = actor.calibrate.remote(shard, hidden, self.block_kwargs, self.stages, self.plan.recipe.config.experts)
+        dense_out = actor.calibrate.remote(shard, hidden, self.block_kwargs, self.stages, self.plan.recipe.config.experts,
+                                           not self.sequential)  # sequential mode hands on the compressed outputs
         if self.sequential:
-            result, self.inputs[k + 1] = compress.remote(shard, self.stages, files, hidden, self.block_kwargs)
+            head = self.plan.partition.parts_of(shard)[0]
+            context = self.compressed(head) if head is not shard else None
+            result, out = compress.remote(shard, self.stages, files, hidden, self.block_kwargs, context)
         else:
-            self.inputs[k + 1] = dense_out
-            result, _ = compress.remote(shard, self.stages, files)
+            (result, _), out = compress.remote(shard, self.stages, files), dense_out
+        if shard.experts is None:
+            self.inputs[k + 1] = out
+        else:
+            self.part_outputs[k] = out
         return result

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator.capture import (BlockInputs, HessianSet, block_kind, build_blocks, capture_block_inputs,
-                                  recalibrate_experts, run_blocks)
+                                  expert_outputs, recalibrate_experts, replay_of, run_blocks)
 from orchestrator.checkpoint import read_keys, write_tensors
 from orchestrator.export import QuantizedLayer, pack_shard, scheme_of
 from orchestrator.partition import LinearLayer, Shard
@@ -70,6 +70,15 @@ class ShardResult:
     packed_bytes: int = 0  # their bytes in the export (integers, scales, zeros, shapes)
     # experts module -> {"tokens": calibration tokens routed to each expert, "min_tokens", "under_calibrated"}
     experts: dict[str, dict] = field(default_factory=dict)
+
+
+# What a shard's blocks hand on: hidden states per batch; a part of an expert-split block, the routed outputs
+# of its experts instead (experts module -> per batch: expert -> y [tokens sent to it, hidden])
+Outputs = list[torch.Tensor] | dict[str, list[dict[int, torch.Tensor]]]
+
+
+def shard_outputs(shard: Shard, hidden: list[torch.Tensor], kept: dict) -> Outputs:
+    return hidden if shard.experts is None else {module: outputs.kept for module, outputs in kept.items()}
 
 
 def compress_layer(
@@ -208,29 +217,57 @@ class CompressionWorker:
         return inputs.hidden, inputs.kwargs
 
     def calibrate(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
-                  stages: list[Stage], experts: ExpertsConfig) -> list[torch.Tensor]:
+                  stages: list[Stage], experts: ExpertsConfig, hand_on: bool = True) -> Outputs | None:
         """Hessians of the layers that need them (and of under-calibrated experts, as `experts` says), kept
-        here with the tokens each expert was sent; returns the dense blocks' outputs."""
+        here with the tokens each expert was sent; returns the dense blocks' outputs (a part of a block:
+        its experts' outputs) when `hand_on` (parallel mode: the next shard's inputs), else None."""
         wall, cpu = time.perf_counter(), time.process_time()
         tensors = self.read(list(shard.tensor_keys))
-        blocks = build_blocks(self.kind, shard, tensors).to(self.device)
+        blocks = build_blocks(self.kind, shard, {**tensors, **self.context(shard, None)}).to(self.device)
         wanted = [layer for layer in shard.linears
                   if any(s.technique.needs_calibration and s.applies_to(layer.name, layer.router) for s in stages)]
         inputs = BlockInputs(hidden, kwargs)
-        outputs, hessians = run_blocks(blocks, inputs, shard, wanted, self.device)
+        with expert_outputs(blocks, shard) as kept:
+            outputs, hessians = run_blocks(blocks, inputs, shard, wanted, self.device)
         routing = recalibrate_experts(blocks, inputs, shard, wanted, hessians, experts.min_tokens,
                                       experts.under_calibrated, self.device)
         self.calibrated[shard.index] = (tensors, hessians, routing, (time.perf_counter() - wall,
                                                                      time.process_time() - cpu))
-        return outputs
+        return shard_outputs(shard, outputs, kept) if hand_on else None
 
-    def forward(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
-                source: str | None) -> list[torch.Tensor]:
+    def forward(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict], source: str | None,
+                context_source: str | None = None) -> Outputs:
         """The shard's blocks run on `hidden` -> their outputs: the dense blocks (source None), or the
-        compressed ones in the safetensors file `source`. Rebuilds a lost or skipped link of the chain."""
+        compressed ones in the safetensors file `source` (a part reads its context from `context_source`,
+        its part 0's file). Rebuilds a lost or skipped link of the chain."""
         tensors = load_file(source) if source else self.read(list(shard.tensor_keys))
+        return self.run(shard, {**tensors, **self.context(shard, context_source)}, hidden, kwargs)
+
+    def combine(self, head: Shard, hidden: list[torch.Tensor], kwargs: list[dict], source: str | None,
+                *parts: dict[str, list[dict]]) -> list[torch.Tensor]:
+        """An expert-split block's output: its head (partition.head_of; dense, or compressed in its part 0's
+        file `source`) run on `hidden`, every expert's output replayed from its part's."""
+        tensors = self.read_from(list(head.tensor_keys), source)
+        blocks = build_blocks(self.kind, head, tensors).to(self.device)
+        with expert_outputs(blocks, head, replay_of(parts, len(hidden))):
+            return run_blocks(blocks, BlockInputs(hidden, kwargs), device=self.device)[0]
+
+    def context(self, shard: Shard, source: str | None) -> dict[str, torch.Tensor]:
+        """The block tensors a part reads but does not write (its part 0's), from `source` (read_from)."""
+        return self.read_from(list(shard.context_keys), source) if shard.context_keys else {}
+
+    def read_from(self, keys: list[str], source: str | None) -> dict[str, torch.Tensor]:
+        """Tensors from the checkpoint (source None) or from the safetensors file `source` (a compressed shard)."""
+        if source is None:
+            return self.read(keys)
+        return read_keys(Path(source).parent, keys, dict.fromkeys(keys, Path(source).name))
+
+    def run(self, shard: Shard, tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor],
+            kwargs: list[dict]) -> Outputs:
         blocks = build_blocks(self.kind, shard, tensors).to(self.device)
-        return run_blocks(blocks, BlockInputs(hidden, kwargs), device=self.device)[0]
+        with expert_outputs(blocks, shard) as kept:
+            outputs = run_blocks(blocks, BlockInputs(hidden, kwargs), device=self.device)[0]
+        return shard_outputs(shard, outputs, kept)
 
     def write_rest(self, keys: list[str], files: ShardFiles) -> int:
         """Copy the tensors outside the blocks (embeddings, norms, head) to both outputs; -> tensor bytes."""
@@ -239,9 +276,10 @@ class CompressionWorker:
         return write_tensors(Path(files.export), tensors)
 
     def compress(self, shard: Shard, stages: list[Stage], files: ShardFiles, hidden: list[torch.Tensor] | None = None,
-                 kwargs: list[dict] | None = None) -> tuple[ShardResult, list[torch.Tensor] | None]:
+                 kwargs: list[dict] | None = None, context_source: str | None = None) -> tuple[ShardResult, Outputs | None]:
         """Compress a shard and write it to `files`; -> (result without tensors, the compressed blocks'
-        outputs on `hidden` when given (sequential mode), else None)."""
+        outputs on `hidden` when given (sequential mode; a part reads its block's compressed attention
+        from `context_source`), else None)."""
         cpu = time.process_time()
         tensors, hessians, routing, (capture_s, capture_cpu_s) = self.calibrated.pop(
             shard.index, (None, None, {}, (0.0, 0.0)))
@@ -253,8 +291,7 @@ class CompressionWorker:
                                 self.device)
         outputs = None
         if hidden is not None:
-            blocks = build_blocks(self.kind, shard, result.tensors).to(self.device)
-            outputs, _ = run_blocks(blocks, BlockInputs(hidden, kwargs), device=self.device)
+            outputs = self.run(shard, {**result.tensors, **self.context(shard, context_source)}, hidden, kwargs)
         write_files(shard, result, files)
         result.tensors, result.quant = {}, {}  # the driver gets the record, never the weights
         ctx = ray.get_runtime_context()

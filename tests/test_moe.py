@@ -21,7 +21,9 @@ from orchestrator.capture import (
     build_blocks,
     capture_block_inputs,
     expected_input_groups,
+    expert_outputs,
     recalibrate_experts,
+    replay_of,
     run_blocks,
 )
 from orchestrator.checkpoint import read_keys
@@ -30,7 +32,7 @@ from orchestrator.experts import is_experts_module
 from orchestrator.partition import load_config, partition_model
 from orchestrator.recipe import load_recipe
 from orchestrator.worker import compress_layer
-from tests.helpers import REPO
+from tests.helpers import REPO, hashes, run_cli
 from tests.models import MOE_BLOCKS, MOE_CONFIGS, NUM_EXPERTS, save_random_moe
 
 FAMILIES = list(MOE_CONFIGS)
@@ -149,6 +151,40 @@ def test_each_expert_gets_the_hessian_of_the_tokens_its_router_sent(kind, moe_mo
         torch.testing.assert_close(hessians.of(layer.name), 2 / len(x) * x.T @ x, rtol=1e-4, atol=1e-6)
 
 
+def test_a_split_blocks_parts_add_up_to_the_whole_blocks_output_bit_for_bit(tmp_path, micro_lm):
+    """8 experts, 4 per token (so the order of the sum matters), cut in parts of 3, 3 and 2: each part's
+    experts get the whole block's Hessians, and the head replaying the parts' outputs computes the whole
+    block's output, bit for bit."""
+    config = copy.deepcopy(MOE_CONFIGS["mixtral"])
+    config.num_local_experts, config.num_experts_per_tok = 8, 4
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    folder, kind = tmp_path / "m", block_kind(config)
+    whole, split = partition_model(folder, 1), partition_model(folder, 1, experts_per_shard=3)
+    read = lambda keys: read_keys(folder, list(keys), whole.key_to_file)  # noqa: E731
+    inputs = block_inputs(folder, whole, config)
+    shard = whole.shards[0]
+    blocks = build_blocks(kind, shard, read(shard.tensor_keys))
+    expected, hessians = run_blocks(blocks, inputs, shard, list(shard.linears))
+
+    parts = split.parts_of(split.shards[0])
+    assert [p.experts for p in parts] == [(0, 3), (3, 6), (6, 8)]
+    assert set(parts[0].tensor_keys).isdisjoint(parts[1].tensor_keys) and parts[1].context_keys
+    kept = []
+    for part in parts:
+        blocks = build_blocks(kind, part, read(part.tensor_keys + part.context_keys))
+        with expert_outputs(blocks, part) as outputs:
+            _, part_hessians = run_blocks(blocks, inputs, part, list(part.linears))
+        kept.append({module: o.kept for module, o in outputs.items()})
+        for layer in part.linears:
+            assert torch.equal(part_hessians.of(layer.name), hessians.of(layer.name)), layer.name
+    head = split.head_of(parts[0])
+    blocks = build_blocks(kind, head, read(head.tensor_keys))
+    with expert_outputs(blocks, head, replay_of(tuple(kept), len(inputs.hidden))):
+        combined, _ = run_blocks(blocks, inputs, head)
+    assert all(torch.equal(a, b) for a, b in zip(combined, expected))
+
+
 def test_an_expert_the_router_never_chose_gets_finite_statistics_and_a_finite_grid(unrouted_deepseek):
     folder = unrouted_deepseek
     partition, config = partition_model(folder, blocks_per_shard=1), load_config(folder)
@@ -192,10 +228,11 @@ METHODS = {  # the recipes, at group size 32 / the 2:4 pattern (the experts' wid
     "gptq": ("gptq-w4g128", ["stages.0.group_size=32"]),
     "2of4": ("wanda-2of4", []),
 }
+RTN8 = {"rtn8": ("rtn-w8", [])}  # 8 bits per channel: one family only (test_an_8_bit_moe_export...)
 
 
 def run(kind: str, method: str, moe_models, out, *extra) -> dict:
-    recipe, overrides = METHODS[method]
+    recipe, overrides = {**METHODS, **RTN8}[method]
     overrides = [f"model.path={moe_models[kind]}", f"output.dir={out}", f"output.name={kind}-{method}",
                  "cluster.workers=2", *SMALL, *overrides, *extra]
     assert main(["run", str(REPO / "recipes" / f"{recipe}.yaml"), *overrides, "--quiet"]) == 0
@@ -273,22 +310,56 @@ def test_moe_runs_compress_every_expert_leave_routers_dense_and_reload(kind, met
         assert {f"expert_tokens-{m}.png" for m in routing} <= {p.name for p in (report["dir"] / "plots").iterdir()}
 
 
-def decompress(tensors: dict[str, torch.Tensor], name: str, group_size: int) -> torch.Tensor:
-    """compressed-tensors' own decoding of one packed layer of the export."""
+def decompress(tensors: dict[str, torch.Tensor], name: str, group_size: int | None, bits: int = 4) -> torch.Tensor:
+    """compressed-tensors' own decoding of one packed layer of the export (group_size None: per channel)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     scheme = QuantizationScheme(targets=["Linear"], format="pack-quantized", weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size))
+        num_bits=bits, type="int", symmetric=True, strategy="channel" if group_size is None else "group",
+        group_size=group_size))
     local = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
     compressor = BaseCompressor.get_value_from_registry("pack-quantized")
     return compressor.decompress(local, scheme)["weight"].to(local["weight_scale"].dtype)
 
 
 @pytest.mark.slow
-def test_moe_bytes_do_not_depend_on_worker_count(moe_runs, moe_models, tmp_path):
-    from tests.helpers import hashes
+def test_an_8_bit_moe_export_packs_every_expert_as_loaded(moe_models, tmp_path, shared_ray):
+    """RTN W8 per channel (recipes/rtn-w8.yaml) on Mixtral: every expert packed in 8 bits; compressed-tensors'
+    decoding of each is what transformers loads into its fused parameters, and the logits are the run's."""
+    report = run("mixtral", "rtn8", moe_models, tmp_path)
+    exported = export_tensors(report["dir"])
+    experts = [l for s in partition_model(moe_models["mixtral"], 1).shards for l in s.linears if l.expert]
+    group = json.loads((report["dir"] / "model" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [g["weights"]["num_bits"] for g in group.values()] == [8]
+    model = AutoModelForCausalLM.from_pretrained(report["dir"] / "model").eval()
+    state = model.state_dict()
+    for layer in experts:
+        assert exported[f"{layer.name}.weight_packed"].numel() * 4 == layer.in_features * layer.out_features  # 8 bits
+        W = state[layer.expert.param][layer.expert.expert, layer.expert.start:layer.expert.stop]
+        assert torch.equal(W, decompress(exported, layer.name, None, bits=8)), layer.name
+    sample = load_file(report["dir"] / "eval" / "sample_logits.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=sample["input_ids"][None]).logits[0].float()
+    assert ((logits - sample["compressed"]).norm() / sample["compressed"].norm()).item() < 1e-5
 
+    # `orchestrator eval` lists every expert's error, as the run's workers measured it
+    out = tmp_path / "eval.json"
+    proc = run_cli("eval", str(report["dir"] / "model"), "--baseline", str(moe_models["mixtral"]), "--max-windows",
+                   "2", "--no-speed", "--no-tracking", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    by_name = {layer["name"]: layer for layer in json.loads(out.read_text())["layers"]}
+    measured = {layer["name"]: layer for s in report["shards"] for layer in s["layers"]}
+    downs = [l for l in experts if l.expert.param.endswith("down_proj")]  # stored whole: [H, I] per expert
+    assert len(downs) == len(experts) // 3
+    for layer in downs:
+        row = by_name[f"{layer.expert.param}[{layer.expert.expert}]"]
+        assert row["relative_error"] == pytest.approx(measured[layer.name]["relative_error"], rel=1e-4)
+    assert all(0 < by_name[f"{l.expert.param}[{l.expert.expert}]"]["relative_error"] < 0.05 for l in experts)
+
+
+@pytest.mark.slow
+def test_moe_bytes_do_not_depend_on_worker_count(moe_runs, moe_models, tmp_path):
     two = moe_runs[("mixtral", "gptq")]
     one = run("mixtral", "gptq", moe_models, tmp_path, "cluster.workers=1")
     pids = lambda report: {s["worker"]["pid"] for s in report["shards"]}
@@ -297,15 +368,44 @@ def test_moe_bytes_do_not_depend_on_worker_count(moe_runs, moe_models, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind, method, per_shard", [("deepseek_v3", "gptq", 5), ("qwen2_moe", "2of4", 3)])
+def test_expert_split_shards_give_the_bytes_of_whole_blocks(kind, method, per_shard, moe_runs, moe_models, tmp_path):
+    whole = moe_runs[(kind, method)]
+    split = run(kind, method, moe_models, tmp_path, f"partition.experts_per_shard={per_shard}")
+    E = NUM_EXPERTS[kind]
+    ranges = [[start, min(start + per_shard, E)] for start in range(0, E, per_shard)]
+    for b in MOE_BLOCKS[kind]:  # every MoE block cut in those parts, over both workers
+        assert [s["expert_range"] for s in split["shards"] if s["modules"] == [f"model.layers.{b}"]] == ranges
+    assert len({s["worker"]["pid"] for s in split["shards"]}) == 2
+    assert same_tensors(split["dir"], whole["dir"])
+    assert split["experts"]["routing"] == whole["experts"]["routing"]
+    untimed = lambda report: {k: v for k, v in report["quality"]["compressed"].items() if k != "seconds"}  # noqa: E731
+    assert untimed(split) == untimed(whole)
+
+
+def same_tensors(a, b) -> bool:
+    """The two exports hold the same tensors, bit for bit (in files cut differently)."""
+    x, y = export_tensors(a), export_tensors(b)
+    return set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
 def test_an_unrouted_expert_is_reported_and_compressed_from_every_token(unrouted_deepseek, tmp_path, shared_ray):
-    report = run("deepseek_v3", "gptq", {"deepseek_v3": unrouted_deepseek}, tmp_path,
-                 "partition.calibration=sequential")  # the compressed blocks' outputs feed the next (MoE) block
-    assert report["calibration"]["mode"] == "sequential"
-    routing = report["experts"]["routing"]["model.layers.1.mlp.experts"]
-    assert routing["tokens"][0] == 0 and 0 in routing["under_calibrated"]
-    assert report["experts"]["under_calibrated_policy"] == "all-tokens"
-    layers = {l["name"]: l for s in report["shards"] for l in s["layers"]}
-    assert layers["model.layers.1.mlp.experts.0.gate_proj"]["relative_error"] < 0.5
+    """Sequential mode (the compressed blocks' outputs feed the next, MoE, block), whole blocks on 2 workers
+    and the experts split in parts of 5 on 1 worker: the same bytes."""
+    models = {"deepseek_v3": unrouted_deepseek}
+    reports = [run("deepseek_v3", "gptq", models, tmp_path / "whole", "partition.calibration=sequential"),
+               run("deepseek_v3", "gptq", models, tmp_path / "split", "partition.calibration=sequential",
+                   "partition.experts_per_shard=5", "cluster.workers=1")]
+    for report in reports:
+        assert report["calibration"]["mode"] == "sequential"
+        routing = report["experts"]["routing"]["model.layers.1.mlp.experts"]
+        assert routing["tokens"][0] == 0 and 0 in routing["under_calibrated"]
+        assert report["experts"]["under_calibrated_policy"] == "all-tokens"
+        layers = {l["name"]: l for s in report["shards"] for l in s["layers"]}
+        assert layers["model.layers.1.mlp.experts.0.gate_proj"]["relative_error"] < 0.5
+    assert len(reports[1]["shards"]) == 1 + 2 * 3
+    assert same_tensors(reports[0]["dir"], reports[1]["dir"])
 
 
 @pytest.mark.slow

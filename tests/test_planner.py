@@ -2,14 +2,16 @@
 never holds the model."""
 
 import contextlib
+import copy
 import json
+import re
 import shutil
 import threading
 
 import pytest
 import ray
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
 from tests.helpers import REPO, run_cli
 
@@ -39,16 +41,28 @@ def test_run_refuses_a_plan_that_cannot_fit_and_names_the_knobs(micro_lm, tmp_pa
 
 
 TOLERANCE = 0.15  # |measured / predicted - 1| for each of the driver, the workers and the object store
-# Two random float32 Llamas (safetensors files of at most 200 MB), compressed with GPTQ W4
-# (32 x 128 calibration windows) by 2 workers: the small one in sequential mode, the large one in
-# parallel mode. The large one has a 200k-token vocabulary (as Gemma's): most of its bytes sit in the
-# embeddings and the head, which a worker copies in one piece.
+# Random float32 models (safetensors files of at most 200 MB), compressed with GPTQ W4 (32 x 128
+# calibration windows) by 2 workers: a small Llama in sequential mode, a large one in parallel mode, and a
+# Mixtral with 8 experts per block in shards of 2 experts. The large Llama has a 200k-token vocabulary (as
+# Gemma's): most of its bytes sit in the embeddings and the head, which a worker copies in one piece.
 MODELS = {
-    "70MB": (dict(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-                  num_attention_heads=8), "sequential"),
-    "1.8GB": (dict(vocab_size=200_000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
-                   num_attention_heads=16), "parallel"),
+    "70MB": (LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=8), ["partition.calibration=sequential"]),
+    "1.8GB": (LlamaConfig(vocab_size=200_000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                          num_attention_heads=16), ["partition.calibration=parallel"]),
+    "moe-split": (MixtralConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                                num_attention_heads=8, num_key_value_heads=8, num_local_experts=8,
+                                num_experts_per_tok=2), ["partition.experts_per_shard=2"]),
 }
+EXPERT_SPLIT_TOLERANCE = 0.20
+
+
+def save_random(config, dest, tokenizer_dir) -> None:
+    torch.manual_seed(0)
+    config.architectures = [{"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}[config.model_type]]
+    AutoModelForCausalLM.from_config(config).save_pretrained(dest, max_shard_size="200MB")
+    for fname in ("tokenizer.json", "tokenizer_config.json"):  # micro-lm's 512 ids fit either vocabulary
+        shutil.copy(tokenizer_dir / fname, dest / fname)
 
 
 @contextlib.contextmanager
@@ -83,17 +97,13 @@ def measured(tmp_path_factory, micro_lm) -> dict:
     ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
     out = {}
     try:
-        for name, (shape, mode) in MODELS.items():
+        for name, (config, overrides) in MODELS.items():
             model_dir = tmp / name
-            torch.manual_seed(0)
-            LlamaForCausalLM(LlamaConfig(**shape, architectures=["LlamaForCausalLM"])).save_pretrained(
-                model_dir, max_shard_size="200MB")
-            for fname in ("tokenizer.json", "tokenizer_config.json"):  # micro-lm's 512 ids fit either vocabulary
-                shutil.copy(micro_lm / fname, model_dir / fname)
+            save_random(copy.deepcopy(config), model_dir, micro_lm)
             with object_store_peak() as store:
                 proc = run_cli("run", RECIPE, f"model.path={model_dir}", "cluster.workers=2",
                                f"cluster.address={ray.get_runtime_context().gcs_address}",
-                               f"partition.calibration={mode}", "data.calibration.num_samples=32",
+                               *overrides, "data.calibration.num_samples=32",
                                "data.eval.enabled=false", "tracking.enabled=false", f"output.dir={tmp}/runs",
                                f"output.name={name}", "--quiet", cwd=tmp, timeout=900)
             assert proc.returncode == 0, proc.stderr[-3000:]
@@ -114,7 +124,10 @@ def test_memory_predictions_hold(measured, name):
     ratios = {"driver": memory["driver_peak_rss_bytes"] / plan["driver_bytes"],
               "worker": memory["worker_peak_rss_bytes"] / plan["worker_bytes"],
               "object store": store_peak / plan["object_store_bytes"]}
-    assert all(abs(r - 1) <= TOLERANCE for r in ratios.values()), (ratios, plan, memory, store_peak)
+    tolerance = EXPERT_SPLIT_TOLERANCE if "experts_per_shard" in str(MODELS[name][1]) else TOLERANCE
+    assert all(abs(r - 1) <= tolerance for r in ratios.values()), (ratios, plan, memory, store_peak)
+    if name == "moe-split":  # every MoE block in 4 parts of 2 experts
+        assert [s.get("expert_range") for s in report["shards"]] == [[0, 2], [2, 4], [4, 6], [6, 8]] * 2
 
 
 @pytest.mark.slow
@@ -126,3 +139,28 @@ def test_the_driver_never_holds_the_model(measured):
     assert model_bytes > 1.5e9
     assert memory["driver_peak_rss_bytes"] < 0.5 * model_bytes, (memory, model_bytes)
     assert memory["driver_growth_bytes"] < 0.1 * model_bytes, (memory, model_bytes)
+
+
+def planned_need(proc) -> float:
+    """The GB a plan needs at once, from `orchestrator plan`'s output."""
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return float(re.search(r"^memory: ([\d.]+) GB at once", proc.stdout, re.M).group(1))
+
+
+@pytest.mark.slow
+def test_the_planner_splits_experts_when_whole_blocks_do_not_fit(micro_lm, tmp_path):
+    model_dir = tmp_path / "moe"
+    save_random(copy.deepcopy(MODELS["moe-split"][0]), model_dir, micro_lm)
+    args = ["plan", RECIPE, f"model.path={model_dir}", "cluster.workers=2", "data.calibration.num_samples=32"]
+    whole = planned_need(run_cli(*args, cwd=tmp_path))
+    finest = planned_need(run_cli(*args, "partition.experts_per_shard=1", cwd=tmp_path))
+    assert finest < 0.8 * whole
+    budget = (whole + finest) / 2
+    proc = run_cli(*args, f"cluster.memory_gb={budget}", cwd=tmp_path)
+    assert planned_need(proc) <= budget + 0.005  # the plan prints GB rounded to 0.01
+    per_shard = int(re.search(r"^experts: (\d) per shard in blocks with more \(chosen by the planner", proc.stdout,
+                              re.M).group(1))
+    assert per_shard in (1, 2, 4)
+    assert f"| 1 | model.layers.0 experts {per_shard}-{2 * per_shard - 1} |" in proc.stdout
+    refused = run_cli(*args, f"cluster.memory_gb={finest * 0.9}", cwd=tmp_path)  # finer than one expert: no
+    assert refused.returncode == 2 and "experts already split as finely as they go" in refused.stderr

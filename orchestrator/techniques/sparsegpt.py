@@ -62,13 +62,15 @@ class SparseGPTParams(PruneParams):
     group_size: int = 128  # as QuantizeParams, used when bits is set
     symmetric: bool = True  # as QuantizeParams, used when bits is set
     scale_dtype: str = "auto"  # as QuantizeParams, used when bits is set
+    observer: str = "minmax"  # as QuantizeParams, used when bits is set
     precision: str = "float32"  # of the factorisation and the sweep: float32 | float64
 
     def __post_init__(self):
         super().__post_init__()
         check_sweep(self.block_size, self.damp, self.precision)
         if self.bits is not None:
-            QuantizeParams(self.bits, self.group_size, self.symmetric, self.scale_dtype)  # raises "bits: ..." / "group_size: ..."
+            QuantizeParams(self.bits, self.group_size, self.symmetric, self.scale_dtype,  # raises "bits: ..." ...
+                           self.observer)
 
 
 def lowest_scores(W1: torch.Tensor, u_diag: torch.Tensor, count: int) -> torch.Tensor:
@@ -129,9 +131,9 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
                 pruned[:, j:j + nm[1]] = lowest_per_row(cols, U.diagonal()[j:j + nm[1]], nm[1] - nm[0])
             if g is not None and j % g == 0:  # first column of a quantization group
                 cols = updated_columns(W, Err1, U, i1, i2, j, j + g).masked_fill(pruned[:, j:j + g], 0)
-                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric, p.scale_dtype)
+                scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric, p.scale_dtype,
+                                                                p.observer)
             w = W[:, j] - U1[:i, i] @ Err1[:i]  # [out] column j with the block's updates so far
-            d = U1[i, i]
             q = w.masked_fill(pruned[:, j], 0)  # [out]
             if g is not None:
                 s, z = scale[:, j // g].to(W.dtype), zero[:, j // g]
@@ -139,7 +141,7 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
                 qweight[:, j] = qi
                 q = dequantize(qi, s, z)
             Q[:, j] = q
-            err = (w - q) / d  # [out]
+            err = (w - q) / U1[i, i]  # [out]
             loss += err.square().sum() / 2
             Err1[i] = err
         W[:, i2:] -= Err1.T @ U[i1:i2, i2:]  # the lazy update of everything after the block
