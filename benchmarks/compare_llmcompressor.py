@@ -34,8 +34,10 @@ import argparse
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -49,9 +51,10 @@ from common import (BENCH, ROOT, SMOKE_MODEL, WORK, Bench, clean_env, fmt, orche
 
 PEER_PYTHON = BENCH / ".peer-venv" / "bin" / "python"
 PEER_SCRIPT = BENCH / "peer_llmcompressor.py"
-CASES = ["gptq-w4g128", "gptq-w3g128", "sparsegpt-50", "wanda-50", "wanda-2of4", "rtn-w4g128", "rtn-w3g128"]
-QUANTIZED = {"gptq-w4g128", "gptq-w3g128", "rtn-w4g128", "rtn-w3g128"}  # --group-size applies to these
+CASES = ["gptq-w4g128", "gptq-w3g128", "gptq-w2g128", "sparsegpt-50", "wanda-50", "wanda-2of4", "rtn-w4g128", "rtn-w3g128"]
+QUANTIZED = {"gptq-w4g128", "gptq-w3g128", "gptq-w2g128", "rtn-w4g128", "rtn-w3g128"}  # --group-size applies to these
 DATA_FREE = {"rtn-w4g128", "rtn-w3g128"}
+DEFAULT_CASES = [c for c in CASES if c != "gptq-w2g128"]
 
 
 # ---------------------------------------------------------------- measurement
@@ -122,27 +125,30 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
 
 # ---------------------------------------------------------------- the two tools
 
-def run_ours(case: str, model_dir: Path, work: Path, overrides: list[str], workers: int) -> tuple[Measured, dict, Path]:
-    out_root = work / "ours"
+def run_ours(case: str, model_dir: Path, work: Path, overrides: list[str], workers: int,
+             name: str | None = None) -> tuple[Measured, dict, Path]:
+    """Our tool on recipes/<case>.yaml; its run folder and log are called `name` (default: the case)."""
+    out_root, name = work / "ours", name or case
     cmd = orchestrator_cmd() + ["run", str(ROOT / "recipes" / f"{case}.yaml"), f"model.path={model_dir}",
                                 f"cluster.workers={workers}", "tracking.enabled=false", f"output.dir={out_root}",
-                                f"output.name={case}", *overrides, "--overwrite", "--quiet"]
-    m = run_measured(cmd, cwd=work, log_path=work / "logs" / f"ours-{case}.log", env=clean_env())
+                                f"output.name={name}", *overrides, "--overwrite", "--quiet"]
+    m = run_measured(cmd, cwd=work, log_path=work / "logs" / f"ours-{name}.log", env=clean_env())
     if m.returncode != 0:
         raise SystemExit(f"our tool failed on {case} (exit {m.returncode}): {' '.join(cmd)}\n{tail(m.log)}")
-    run_dir = out_root / case
+    run_dir = out_root / name
     report = json.loads((run_dir / "report.json").read_text())
     return m, report, run_dir / "model"
 
 
 def run_peer(case: str, model_dir: Path, calib_path: Path, work: Path, batch_size: int,
-             ignore: list[str] = (), extra: list[str] = ()) -> tuple[Measured, dict, Path]:
-    out = work / "peer" / case
+             ignore: list[str] = (), extra: list[str] = (), name: str | None = None) -> tuple[Measured, dict, Path]:
+    name = name or case
+    out = work / "peer" / name
     if out.exists():
         shutil.rmtree(out)
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), str(model_dir), str(calib_path), case, str(out),
            "--batch-size", str(batch_size), *extra] + (["--ignore", *ignore] if ignore else [])
-    m = run_measured(cmd, cwd=work, log_path=work / "logs" / f"peer-{case}.log", env=clean_env())
+    m = run_measured(cmd, cwd=work, log_path=work / "logs" / f"peer-{name}.log", env=clean_env())
     if m.returncode != 0:
         raise SystemExit(f"llm-compressor failed on {case} (exit {m.returncode}): {' '.join(cmd)}\n{tail(m.log)}")
     return m, json.loads((out / "peer.json").read_text()), out / "model"
@@ -198,6 +204,38 @@ def linear_summary(dense_dir: Path, out_dir: Path) -> dict:
     return {"changed": len(changed), "linears": len(dense), "changed_kinds": kinds,
             "lm_head_changed": any(n.endswith("lm_head") for n in changed),
             "zero_fraction": zeros / numel if numel else 0.0, "changed_names": changed}
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Elements of every tensor in a folder's safetensors files (read from their headers)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return total
+
+
+def disk_bits_per_weight(model_dir: Path, dense_params: int) -> float:
+    """Bytes of a model folder's safetensors files x 8 / the dense model's parameters: both tools' exports
+    counted alike, every stored byte (packed weights, scales, zeros, dense embeddings and head)."""
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) * 8 / dense_params
+
+
+def pareto(rows: list[dict], model_dir: Path, path: Path) -> Path | None:
+    """Bits per weight on disk against perplexity, one point per tool and case (the first seed's run),
+    drawn by `orchestrator compare`'s Pareto plot."""
+    from orchestrator.plots import pareto_plot
+
+    first_seed = [r for r in rows if r.get("ours_ppl") is not None and r.get("seed") == rows[0].get("seed")]
+    if not first_seed:
+        return None
+    points = [{"label": f"{tool} {r['case']}", "bits": r[f"{tool}_bits_per_weight"], "quality": r[f"{tool}_ppl"]}
+              for r in first_seed for tool in ("ours", "peer")]
+    dense = {"label": "dense", "bits": disk_bits_per_weight(model_dir, parameter_count(model_dir)),
+             "quality": first_seed[0]["dense_ppl"]}
+    return pareto_plot(points, dense, "perplexity (held-out windows)", lower_is_better=True, path=path)
 
 
 LOAD_TOLERANCE = 1e-3  # max |logit difference| above which the peer's checkpoint does not load as it was
@@ -279,28 +317,56 @@ def increase_ratio(dense: float, ours: float, peer: float) -> float | None:
     return ratio(ours - dense, peer - dense) if min(ours, peer) > dense else None
 
 
+def mean_spread(values: list[float]) -> str:
+    """'mean ± sample standard deviation' (just the value for one)."""
+    mean = statistics.fmean(values)
+    return fmt(mean, 3) if len(values) < 2 else f"{fmt(mean, 3)} ± {fmt(statistics.stdev(values), 3)}"
+
+
+def seed_summary(rows: list[dict]) -> list[str]:
+    """Per case over the calibration seeds: perplexity increase of each tool (mean ± std) and the ratio of
+    the means, with the range of the per-seed ratios."""
+    lines = ["Over the calibration seeds (perplexity increase over dense, mean ± sample standard deviation):", "",
+             "| case | seeds | ours increase | peer increase | ratio of means (ours/peer) | per-seed ratios |",
+             "|---|---|---|---|---|---|"]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        done = [r for r in rows if r["case"] == case and r.get("ours_ppl") is not None]
+        if not done:
+            continue
+        ours = [r["ours_ppl"] - r["dense_ppl"] for r in done]
+        peer = [r["peer_ppl"] - r["dense_ppl"] for r in done]
+        ratios = [r["ppl_increase_ratio"] for r in done if r.get("ppl_increase_ratio") is not None]
+        spread = f"{fmt(min(ratios))}-{fmt(max(ratios))}" if ratios else "n/a"
+        lines.append(f"| {case} | {','.join(str(r['seed']) for r in done)} | {mean_spread(ours)} | {mean_spread(peer)} "
+                     f"| {fmt(ratio(statistics.fmean(ours), statistics.fmean(peer)))} | {spread} |")
+    return lines
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"- {k}: {v}" for k, v in meta["facts"].items()]
-    lines += ["", "| case | ours wall s | peer wall s | wall ratio (ours/peer) | ours peak MB | peer peak MB "
-                  "| dense ppl | ours ppl | peer ppl | ppl-increase ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    if len({r.get("seed") for r in rows}) > 1:
+        lines += ["", *seed_summary(rows)]
+    lines += ["", "| case | seed | ours wall s | peer wall s | wall ratio (ours/peer) | ours peak MB | peer peak MB "
+                  "| dense ppl | ours ppl | peer ppl | ppl-increase ratio | ours bits/weight | peer bits/weight |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {fmt(r['ours']['wall_s'], 1)} | {fmt(r['peer']['wall_s'], 1)} "
+            f"| {r['case']} | {r.get('seed', 'n/a')} | {fmt(r['ours']['wall_s'], 1)} | {fmt(r['peer']['wall_s'], 1)} "
             f"| {fmt(ratio(r['ours']['wall_s'], r['peer']['wall_s']))} | {fmt(r['ours']['peak_rss_mb'], 0)} "
             f"| {fmt(r['peer']['peak_rss_mb'], 0)} | {fmt(r.get('dense_ppl'), 3)} | {fmt(r.get('ours_ppl'), 3)} "
-            f"| {peer_ppl_cell(r)} | {fmt(r.get('ppl_increase_ratio'))} |")
+            f"| {peer_ppl_cell(r)} | {fmt(r.get('ppl_increase_ratio'))} | {fmt(r.get('ours_bits_per_weight'))} "
+            f"| {fmt(r.get('peer_bits_per_weight'))} |")
     lines += ["", "Details: the tools' own core time (ours: report.json timing.phases.compress; peer: oneshot "
                   "only), peak summed PSS, layers changed vs dense and their zero fraction, and the peer "
                   "checkpoint's logit check (its in-venv logits vs the checkpoint loaded in our venv).", "",
-              "| case | ours compress s | peer oneshot s | core ratio | ours peak PSS MB | peer peak PSS MB "
+              "| case | seed | ours compress s | peer oneshot s | core ratio | ours peak PSS MB | peer peak PSS MB "
               "| ours procs | ours layers changed | peer layers changed | same layers | ours zeros | peer zeros | peer logit max err |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o, p = r["ours"], r["peer"]
         ol, pl = r.get("ours_layers") or {}, r.get("peer_layers") or {}
         lines.append(
-            f"| {r['case']} | {fmt(o.get('core_s'), 1)} | {fmt(p.get('core_s'), 1)} "
+            f"| {r['case']} | {r.get('seed', 'n/a')} | {fmt(o.get('core_s'), 1)} | {fmt(p.get('core_s'), 1)} "
             f"| {fmt(ratio(o.get('core_s'), p.get('core_s')))} | {fmt(o.get('peak_pss_mb'), 0)} "
             f"| {fmt(p.get('peak_pss_mb'), 0)} | {o.get('peak_procs', 'n/a')} "
             f"| {ol.get('changed', 'n/a')}/{ol.get('linears', 'n/a')} | {pl.get('changed', 'n/a')}/{pl.get('linears', 'n/a')} "
@@ -314,7 +380,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="orchestrator vs llm-compressor: wall time, peak memory, perplexity")
     p.add_argument("--model", default="reference:tiny-lm", help="model folder or reference:NAME (default: %(default)s)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--pareto", metavar="PNG", help="also draw bits per weight on disk against perplexity, both "
+                   "tools, with orchestrator compare's Pareto plot")
+    p.add_argument("--seeds", help="comma-separated calibration seeds (data.calibration.seed, both tools get the "
+                   "same ids per seed): every case once per seed, and a table of mean and spread over them")
     p.add_argument("--out", default=str(BENCH / "results" / "3-tiny-lm.md"),
                    help="markdown table; a .json (numbers, commit, machine, command) is written beside it")
     p.add_argument("--work", help="scratch folder for outputs and logs (default benchmarks/.work/<model>)")
@@ -416,10 +486,17 @@ def compare(args, bench: Bench) -> int:
     rows = []
     calib_cache: dict[tuple, tuple] = {}
     dense_ppl = None
-    for case in cases:
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    # a data-free case reads no calibration ids: once, at the first seed
+    runs = [(seed, case) for seed in seeds for case in cases if seed == seeds[0] or case not in DATA_FREE]
+    for seed, case in runs:
         recipe = load_recipe(ROOT / "recipes" / f"{case}.yaml", [f"model.path={model_dir}"])
         cal = recipe.config.data.calibration
         overrides = []
+        if seed is not None:
+            cal.seed = seed
+            overrides.append(f"data.calibration.seed={seed}")
+        name = case if seed is None else f"{case}-seed{seed}"
         if calib_samples is not None:
             cal.num_samples = calib_samples
             overrides.append(f"data.calibration.num_samples={calib_samples}")
@@ -447,16 +524,16 @@ def compare(args, bench: Bench) -> int:
         peer_bs = args.peer_batch_size or cal.batch_size
 
         print(f"[{case}] ours ...", file=sys.stderr, flush=True)
-        m_ours, report, ours_model = run_ours(case, model_dir, work, overrides, args.workers)
+        m_ours, report, ours_model = run_ours(case, model_dir, work, overrides, args.workers, name)
         check_same_calibration(case, report, digest)
         print(f"[{case}] ours {m_ours.wall_s:.1f} s, peak {m_ours.peak_rss_mb:.0f} MB; peer ...", file=sys.stderr,
               flush=True)
         routers = [r"re:.*mlp\.gate$", r"re:.*block_sparse_moe\.gate$"] if args.timing_experts else []
-        m_peer, peer, peer_model = run_peer(case, model_dir, calib_path, work, peer_bs, routers, peer_extra)
+        m_peer, peer, peer_model = run_peer(case, model_dir, calib_path, work, peer_bs, routers, peer_extra, name)
         print(f"[{case}] peer {m_peer.wall_s:.1f} s, peak {m_peer.peak_rss_mb:.0f} MB", file=sys.stderr, flush=True)
 
         grouped = args.group_size and case in QUANTIZED
-        row = {"case": case.replace("g128", f"g{args.group_size}") if grouped else case,
+        row = {"case": case.replace("g128", f"g{args.group_size}") if grouped else case, "seed": cal.seed,
                "settings": {"ours": overrides, "peer": peer_extra},
                "ours": {"wall_s": m_ours.wall_s, "peak_rss_mb": m_ours.peak_rss_mb, "peak_pss_mb": m_ours.peak_pss_mb,
                         "peak_procs": m_ours.peak_procs, "core_s": report["timing"]["phases"].get("compress"),
@@ -484,11 +561,14 @@ def compare(args, bench: Bench) -> int:
                 ecfg.max_windows = args.eval_max_windows
             if dense_ppl is None:
                 dense_ppl = perplexity(model_dir, ecfg, threads=args.threads).perplexity
+                dense_params = parameter_count(model_dir)
             ours_ppl = perplexity(ours_model, ecfg, threads=args.threads).perplexity
             peer_lm, peer_missing = load_peer(peer_model, args.threads)
             peer_ppl = perplexities({"peer": peer_lm}, AutoTokenizer.from_pretrained(peer_model), ecfg)["peer"].perplexity
             row.update(dense_ppl=dense_ppl, ours_ppl=ours_ppl, peer_ppl=peer_ppl, eval=vars(ecfg),
                        ppl_increase_ratio=increase_ratio(dense_ppl, ours_ppl, peer_ppl),
+                       ours_bits_per_weight=disk_bits_per_weight(ours_model, dense_params),
+                       peer_bits_per_weight=disk_bits_per_weight(peer_model, dense_params),
                        ours_layers=linear_summary(model_dir, ours_model),
                        peer_layers=linear_summary(model_dir, peer_model),
                        peer_logit_max_err=peer_logits_check(peer_lm, peer_model.parent),
@@ -509,7 +589,9 @@ def compare(args, bench: Bench) -> int:
         facts.update({
             "model": str(model_dir),
             "calibration": f"{c0['shape'][0]} x {c0['shape'][1]} token ids from orchestrator.data.calibration_windows "
-                           f"(seed {cal.seed}), sha256 {c0['sha256'][:16]}..., verified equal to our report.json's",
+                           + (f"(seed {cal.seed}), sha256 {c0['sha256'][:16]}..." if seed is None else
+                              f"(seeds {args.seeds}; each seed's sha256 in the JSON rows)")
+                           + ", verified equal to our report.json's",
             "ours": f"orchestrator run, cluster.workers={args.workers}, partition.calibration="
                     f"{args.ours_calibration or recipe.config.partition.calibration}, wall = whole command "
                     f"(plan, Ray start, compress, export"
@@ -523,9 +605,11 @@ def compare(args, bench: Bench) -> int:
             "memory": "peak of the summed RSS of the process and all its descendants, sampled every 0.1 s",
         })
         meta = {"title": "timing model" if args.timing_model else model_dir.name, "facts": facts,
-                "complete": len(rows) == len(cases)}
+                "complete": len(rows) == len(runs)}
         title = f"llm-compressor vs orchestrator: {meta['title']}"
         bench.write(out_md, title, markdown(meta, rows), {"meta": meta, "rows": rows})
+        if args.pareto:
+            pareto(rows, model_dir, Path(args.pareto))
     print(markdown(meta, rows))
     print(f"total {time.perf_counter() - t_all:.0f} s", file=sys.stderr)
     return 0

@@ -117,6 +117,7 @@ CASES = {
     "rtn-w3g128": lambda: rtn(3),
     "gptq-w4g128": lambda: gptq(4),
     "gptq-w3g128": lambda: gptq(3),
+    "gptq-w2g128": lambda: gptq(2),
     "sparsegpt-50": lambda: sparsegpt(0.5),
     "wanda-50": lambda: wanda(0.5),
     "wanda-2of4": lambda: wanda(0.5, "2:4"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the measurements behind benchmarks/RESULTS.md and the figures in README.md.
 #
-#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10 11 12
+#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10 11 12 13
 #
 # Each section writes its tables (markdown) with their JSON beside them (the
 # numbers, commit, uncommitted files, machine, command line, load average) into
@@ -22,6 +22,8 @@
 #  10 a mixture-of-experts model         compare_llmcompressor.py (random Mixtral >= 1 GB, 8 experts, GPTQ W4)
 #  11 a real pretrained model (SmolLM2)  compare_llmcompressor.py (groups of 64, the peer at its defaults)
 #  12 ablation on SmolLM2               ablation.py (each quality option alone, W4 and W3 g64, 3 seeds)
+#  13 quality per bit, 3 seeds          compare_llmcompressor.py --seeds (tiny-lm, then SmolLM2: RTN and
+#                                       GPTQ W4 / W3 / W2 g64, the peer at its defaults; Pareto plot PNG)
 #
 # --smoke: every script end to end on the micro reference model with a few
 # short windows (and a tiny random Llama where a section builds one), into
@@ -38,11 +40,11 @@ sections=()
 for arg in "$@"; do
   case $arg in
     --smoke) smoke=(--smoke); results=benchmarks/.work/smoke/results; work=benchmarks/.work/smoke ;;
-    [1-9]|10|11|12) sections+=("$arg") ;;
-    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-12)" >&2; exit 2 ;;
+    [1-9]|1[0-3]) sections+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-13)" >&2; exit 2 ;;
   esac
 done
-[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10 11 12)
+[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10 11 12 13)
 [ -x "$py" ] || { echo "error: $py not found: run scripts/setup.sh first" >&2; exit 2; }
 mkdir -p "$results" "$work/logs"
 exec 9>benchmarks/.work/run.lock
@@ -89,6 +91,14 @@ section() {
                --eval-max-windows 64)
         [ ${#smoke[@]} -eq 0 ] || model=()
         bench ablation.py 12-ablation "${model[@]}" ;;
+    13) cases=(--cases rtn-w4g128,gptq-w4g128,rtn-w3g128,gptq-w3g128,gptq-w2g128 --group-size 64 --peer-defaults)
+        model=(--model reference:smollm2 --calib-samples 64 --calib-seq-len 256 --eval-seq-len 256
+               --eval-max-windows 64)
+        [ ${#smoke[@]} -eq 0 ] || { cases=(--cases gptq-w4g128 --group-size 64); model=(); }
+        peer && compare tiny-lm-seeds 13-tiny-lm-seeds "${cases[@]}" --seeds 0,1,2 \
+             --pareto "$results/13-tiny-lm-pareto.png" \
+          && compare smollm2-seeds 13-smollm2-seeds "${model[@]}" "${cases[@]}" --seeds 0,1,2 \
+             --pareto "$results/13-smollm2-pareto.png" ;;
   esac
 }
 

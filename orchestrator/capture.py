@@ -198,13 +198,15 @@ def expected_input_groups(layers: list[LinearLayer]) -> dict[tuple[str, str], li
 
 @dataclass
 class HessianSet:
-    """Running H per group of layers that share an input, and the tokens each expert was sent."""
+    """Running H per group of layers that share an input, and the tokens each expert was sent; with dense
+    inputs alongside (asymmetric calibration), the cross term C = (2/n) sum (x - x~) x~^T too (gptq.py)."""
 
     groups: dict[str, list[str]] = field(default_factory=dict)  # group leader -> member layer names
     H: dict[str, torch.Tensor] = field(default_factory=dict)  # leader -> [in, in] float32
     n: dict[str, int] = field(default_factory=dict)  # leader -> tokens in H
     expert_tokens: dict[str, dict[int, int]] = field(default_factory=dict)  # experts module -> expert -> tokens
     leaders: dict[str, str] = field(default_factory=dict)  # member layer name -> its group's leader
+    C: dict[str, torch.Tensor] = field(default_factory=dict)  # leader -> [in, in] float32 cross term
 
     def leader(self, layer_name: str) -> str | None:
         return self.leaders.get(layer_name)
@@ -224,11 +226,20 @@ class HessianSet:
             return torch.eye(len(self.H[leader]), dtype=self.H[leader].dtype, device=self.H[leader].device)
         return self.H[leader]
 
-    def fold(self, leader: str, members: list[str], x: torch.Tensor) -> None:
-        """x [..., in], read by every layer in members, into the group's H."""
+    def cross_of(self, layer_name: str) -> torch.Tensor | None:
+        """The layer's C, None without dense inputs (or for a group no token reached)."""
+        leader = self.leader(layer_name)
+        return self.C.get(leader) if leader is not None and self.n.get(leader) else None
+
+    def fold(self, leader: str, members: list[str], x: torch.Tensor, dense_x: torch.Tensor | None = None) -> None:
+        """x [..., in], read by every layer in members, into the group's H; dense_x [..., in] the dense
+        model's input on the same tokens, into C."""
         for member in members:
             self.join(leader, member)
-        self.H[leader], self.n[leader] = accumulate_hessian(self.H.get(leader), self.n.get(leader, 0), x)
+        n = self.n.get(leader, 0)
+        if dense_x is not None:
+            self.C[leader], _ = accumulate_hessian(self.C.get(leader), n, x, left=dense_x.to(x.dtype) - x)
+        self.H[leader], self.n[leader] = accumulate_hessian(self.H.get(leader), n, x)
 
 
 def _hooked_modules(blocks: nn.ModuleList, shard: Shard, names: set[str]) -> dict[str, nn.Module]:
@@ -274,16 +285,44 @@ def to_device(value, device: torch.device):
     return value
 
 
+def _forward(blocks: nn.ModuleList, x: torch.Tensor, kwargs: dict, seen: dict) -> torch.Tensor:
+    """x [batch, seq, hidden] through the blocks -> their output (seen: the hooks' inputs of one block)."""
+    for block in blocks:
+        seen.clear()
+        out = block(x, **kwargs)
+        x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+@contextlib.contextmanager
+def _recorders_off(recorded: list[tuple[str, nn.Module]]):
+    """The experts modules' recorders detached while a dense reference pass runs (it counts no tokens)."""
+    saved = [(module, getattr(module, RECORDER)) for _, module in recorded]
+    for module, _ in saved:
+        delattr(module, RECORDER)
+    try:
+        yield
+    finally:
+        for module, recorder in saved:
+            setattr(module, RECORDER, recorder)
+
+
 @torch.no_grad()
 def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None = None,
                collect: list[LinearLayer] = (), device: torch.device = torch.device("cpu"),
-               all_tokens: dict[str, frozenset[int]] | None = None) -> tuple[list[torch.Tensor], HessianSet]:
+               all_tokens: dict[str, frozenset[int]] | None = None,
+               dense: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], HessianSet]:
     """Hidden states through the blocks (which are on `device`); H for every layer in `collect` (shared
     where inputs are shared), kept on `device`. The outputs come back on the CPU, for the object store.
 
     Experts: each expert's H is accumulated over the tokens the router sent to it, and the counts are in
     `expert_tokens`; `all_tokens` (experts module -> experts) computes those experts' H over every token
-    instead (the outputs still follow the router)."""
+    instead (the outputs still follow the router).
+
+    dense (asymmetric calibration): the dense model's hidden states of the same batches. Each batch runs
+    on them first, recording every layer's dense input, so that C (HessianSet) pairs each token's dense
+    and given inputs; the outputs returned are then the dense ones (the next shard's dense inputs).
+    Experts get no C: the two passes may route a token to different experts."""
     hessians = HessianSet()
     modules = _hooked_modules(blocks, shard, {l.name for l in collect if l.expert is None}) if collect else {}
     experts = [l for l in collect if l.expert is not None]
@@ -291,13 +330,18 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
     # id of an input tensor in the current block's forward -> (the tensor, kept alive so its id
     # cannot be reused, and the first layer that read it)
     seen: dict[int, tuple[torch.Tensor, str]] = {}
+    reference: dict[str, torch.Tensor] = {}  # layer -> its dense input in this batch (asymmetric calibration)
+    dense_pass = [False]  # True while the dense reference pass runs
 
     def hook(name):
         def record(module, args, output):
             x = args[0]
+            if dense_pass[0]:
+                reference[name] = x
+                return
             leader = seen.setdefault(id(x), (x, name))[1]
             if leader == name:
-                hessians.fold(name, [name], x)
+                hessians.fold(name, [name], x, reference.get(name))
             else:
                 hessians.join(leader, name)
         return record
@@ -305,13 +349,17 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
     handles = [m.register_forward_hook(hook(name)) for name, m in sorted(modules.items())]
     outputs = []
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            x, kwargs = hidden.to(device), to_device(kwargs, device)
-            for block in blocks:
-                seen.clear()
-                out = block(x, **kwargs)
-                x = out[0] if isinstance(out, tuple) else out
-            outputs.append(x.cpu())
+        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            kwargs = to_device(kwargs, device)
+            if dense is not None:
+                dense_pass[0] = True
+                with _recorders_off(recorded):
+                    outputs.append(_forward(blocks, dense[b].to(device), kwargs, seen).cpu())
+                dense_pass[0] = False
+            x = _forward(blocks, hidden.to(device), kwargs, seen)
+            reference.clear()
+            if dense is None:
+                outputs.append(x.cpu())
     finally:
         for h in handles:
             h.remove()

@@ -66,6 +66,7 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lo
     check_recover(recipe, partition)
     calibration, recover_ids = read_data(recipe, model_dir, partition)
     partition, predicted = split_experts_to_fit(recipe, model_dir, partition, calibration)
+    check_asymmetric(recipe, partition)
     run_dir = Path(cfg.output.dir).expanduser().resolve() / recipe.run_name
     overwrite = overwrite or cfg.output.overwrite
     resolved = as_dict(recipe)  # the shards as cut (the planner may have split experts): a store of others is not reused
@@ -141,6 +142,19 @@ def check_stages(stages: list[Stage], partition: Partition) -> None:
             if n_m and layer.in_features % n_m[1]:
                 raise UserError(f"key '{where}.pattern': M={n_m[1]} does not divide the {layer.in_features} "
                                 f"input features of {layer.name}")
+
+
+def check_asymmetric(recipe: Recipe, partition: Partition) -> None:
+    """Asymmetric calibration (gptq.py) pairs the dense and the compressed model's inputs: only sequential
+    calibration has both, and only for whole blocks."""
+    for stage in recipe.stages:
+        if getattr(stage.params, "asymmetric", 0) > 0:
+            where = f"key 'stages.{stage.index}.asymmetric'"
+            if recipe.config.partition.calibration != "sequential":
+                raise UserError(f"{where}: matches the dense model's outputs from the compressed model's inputs, "
+                                "which only sequential calibration has; set partition.calibration=sequential")
+            if any(shard.experts is not None for shard in partition.shards):
+                raise UserError(f"{where}: not supported with expert-split shards (partition.experts_per_shard)")
 
 
 def check_recover(recipe: Recipe, partition: Partition) -> None:

@@ -69,6 +69,8 @@ class ShardPool:
         recipe, cluster = plan.recipe, plan.recipe.config.cluster
         self.stages = recipe.stages
         self.sequential = recipe.config.partition.calibration == "sequential"
+        # asymmetric calibration (gptq.py): the dense chain runs beside the compressed one (plan.py checks the mode)
+        self.asymmetric = self.sequential and any(getattr(s.params, "asymmetric", 0) > 0 for s in self.stages)
         config = load_config(plan.model_dir, recipe.config.model.trust_remote_code) if plan.calibrated else None
         workers = min(cluster.workers, len(plan.partition.shards))
         self.actors = [
@@ -81,6 +83,7 @@ class ShardPool:
         self.idle = list(self.actors)  # a failed shard's actor goes last, so its retry goes to another first
         self.in_flight: dict[ray.ObjectRef, tuple[Shard, object]] = {}  # result ref -> (shard, its actor)
         self.inputs: dict[int, ray.ObjectRef] = {}  # shard index -> its input hidden states
+        self.dense_inputs: dict[int, ray.ObjectRef] = {}  # the same from the dense model (asymmetric)
         self.part_outputs: dict[int, ray.ObjectRef] = {}  # a part of an expert-split block -> its experts' outputs
         self.block_kwargs: ray.ObjectRef | None = None  # what every block is called with besides them
 
@@ -108,11 +111,13 @@ class ShardPool:
             result = ray.get(ready[0])
         except RayError as e:
             self.inputs.clear()  # the refs may have died with a node; later shards rebuild them
+            self.dense_inputs.clear()
             self.part_outputs.clear()
             self.block_kwargs = None
             return shard, e
         if shard.experts is None:
             self.inputs.pop(shard.index, None)  # shard k's inputs are needed by nobody now (a part's: see input_of)
+            self.dense_inputs.pop(shard.index, None)
         return shard, result
 
     def copy_rest(self, keys: list[str], files: ShardFiles, attempt: int = 0) -> ray.ObjectRef:
@@ -149,6 +154,17 @@ class ShardPool:
                 self.inputs.pop(parts[0].index)
         return self.inputs[k]
 
+    def dense_input_of(self, k: int, actor) -> ray.ObjectRef:
+        """Shard k's inputs in the dense model (asymmetric calibration; whole blocks only, plan.py checks),
+        rebuilt on `actor` from the last known link if missing."""
+        if k == 0:
+            return self.input_of(0, actor)  # the embedding is not compressed: both chains start alike
+        if k not in self.dense_inputs:
+            previous = self.plan.partition.shards[k - 1]
+            self.dense_inputs[k] = actor.forward.remote(previous, self.dense_input_of(k - 1, actor), self.block_kwargs,
+                                                        None)
+        return self.dense_inputs[k]
+
     def outputs_of(self, part: Shard, hidden: ray.ObjectRef, actor) -> ray.ObjectRef:
         """A part's expert outputs, rebuilt on `actor` if missing (from its committed file in sequential mode)."""
         if part.index not in self.part_outputs:
@@ -170,8 +186,11 @@ class ShardPool:
         if not self.plan.calibrated:
             return compress.remote(shard, self.stages, files)[0]
         hidden = self.input_of(k, actor)
+        dense = self.dense_input_of(k, actor) if self.asymmetric else None
         dense_out = actor.calibrate.remote(shard, hidden, self.block_kwargs, self.stages, self.plan.recipe.config.experts,
-                                           not self.sequential)  # sequential mode hands on the compressed outputs
+                                           not self.sequential or self.asymmetric, dense)
+        if self.asymmetric:  # the dense chain's next link; the compressed chain's comes from compress
+            self.dense_inputs[k + 1] = dense_out
         if self.sequential:
             head = self.plan.partition.parts_of(shard)[0]
             context = self.compressed(head) if head is not shard else None

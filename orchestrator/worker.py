@@ -83,20 +83,22 @@ def shard_outputs(shard: Shard, hidden: list[torch.Tensor], kept: dict) -> Outpu
 
 def compress_layer(
     W: torch.Tensor, name: str, stages: list[Stage], H: torch.Tensor | None = None,
-    storage_dtype: torch.dtype = torch.float32, router: bool = False,
+    storage_dtype: torch.dtype = torch.float32, router: bool = False, C: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LayerMetrics, QuantParams | None]:
     """W [out, in] float32 -> (compressed W [out, in], metrics, the grid if quantized). Stages run in recipe order.
 
     storage_dtype: the checkpoint's dtype, which `scale_dtype: auto` resolves to.
 
     H: the layer's [in, in] float32 input Hessian (techniques/hessian.py), or None
-    when no calibration statistics are available.
+    when no calibration statistics are available. C: its asymmetric cross term (capture.HessianSet),
+    handed to a stage whose `asymmetric` weight is > 0.
     """
     W_hat, keep, quant, methods, stats = W, None, None, [], {}
     for stage in stages:
         if not stage.applies_to(name, router):
             continue
-        result = stage.technique.apply(W_hat, resolve_scale_dtype(stage.params, storage_dtype), H)
+        cross = (C,) if getattr(stage.params, "asymmetric", 0) > 0 else ()
+        result = stage.technique.apply(W_hat, resolve_scale_dtype(stage.params, storage_dtype), H, *cross)
         W_hat = result.weight
         if result.mask is not None:
             keep = result.mask if keep is None else keep & result.mask
@@ -131,7 +133,8 @@ def resolve_scale_dtype(params, storage_dtype: torch.dtype):
 
 def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[Stage],
                    hessian_of: Callable[[str], torch.Tensor | None] = lambda name: None,
-                   device: torch.device = torch.device("cpu")) -> ShardResult:
+                   device: torch.device = torch.device("cpu"),
+                   cross_of: Callable[[str], torch.Tensor | None] = lambda name: None) -> ShardResult:
     """All of a shard's tensors in -> the same keys out, targeted Linear weights compressed.
 
     Each layer is compressed on `device` (its Hessian moved there too); what comes back is on the CPU."""
@@ -143,9 +146,9 @@ def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[
             continue
         original = tensors[layer.weight_key]
         W = as_out_in(original, layer).to(device=device, dtype=torch.float32)
-        H = hessian_of(layer.name)
+        H, C = hessian_of(layer.name), cross_of(layer.name)
         W_hat, m, quant = compress_layer(W, layer.name, stages, None if H is None else H.to(device), original.dtype,
-                                         layer.router)
+                                         layer.router, None if C is None else C.to(device))
         out[layer.weight_key] = (W_hat.T if layer.transposed else W_hat).to("cpu", original.dtype).contiguous()
         metrics.append(m)
         if quant is not None:
@@ -217,10 +220,13 @@ class CompressionWorker:
         return inputs.hidden, inputs.kwargs
 
     def calibrate(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
-                  stages: list[Stage], experts: ExpertsConfig, hand_on: bool = True) -> Outputs | None:
+                  stages: list[Stage], experts: ExpertsConfig, hand_on: bool = True,
+                  dense: list[torch.Tensor] | None = None) -> Outputs | None:
         """Hessians of the layers that need them (and of under-calibrated experts, as `experts` says), kept
         here with the tokens each expert was sent; returns the dense blocks' outputs (a part of a block:
-        its experts' outputs) when `hand_on` (parallel mode: the next shard's inputs), else None."""
+        its experts' outputs) when `hand_on` (parallel mode: the next shard's inputs), else None.
+        dense: the dense model's hidden states of the same batches (asymmetric calibration, sequential
+        mode): the cross terms are kept too, and the outputs returned are the dense chain's next link."""
         wall, cpu = time.perf_counter(), time.process_time()
         tensors = self.read(list(shard.tensor_keys))
         blocks = build_blocks(self.kind, shard, {**tensors, **self.context(shard, None)}).to(self.device)
@@ -228,7 +234,7 @@ class CompressionWorker:
                   if any(s.technique.needs_calibration and s.applies_to(layer.name, layer.router) for s in stages)]
         inputs = BlockInputs(hidden, kwargs)
         with expert_outputs(blocks, shard) as kept:
-            outputs, hessians = run_blocks(blocks, inputs, shard, wanted, self.device)
+            outputs, hessians = run_blocks(blocks, inputs, shard, wanted, self.device, dense=dense)
         routing = recalibrate_experts(blocks, inputs, shard, wanted, hessians, experts.min_tokens,
                                       experts.under_calibrated, self.device)
         self.calibrated[shard.index] = (tensors, hessians, routing, (time.perf_counter() - wall,
@@ -288,7 +294,7 @@ class CompressionWorker:
         if tensors is None:
             tensors = self.read(list(shard.tensor_keys))
         result = compress_shard(shard, tensors, stages, hessians.of if hessians else (lambda name: None),
-                                self.device)
+                                self.device, hessians.cross_of if hessians else (lambda name: None))
         outputs = None
         if hidden is not None:
             outputs = self.run(shard, {**result.tensors, **self.context(shard, context_source)}, hidden, kwargs)

@@ -63,6 +63,30 @@ def test_parallel_and_sequential_both_run_and_differ(tmp_path, micro_lm, shared_
     assert last(parallel) != last(sequential)  # later shards see the compressed model's activations
 
 
+def test_asymmetric_calibration_runs_sequentially_differs_and_keeps_its_bytes_over_worker_counts(
+        tmp_path, micro_lm, shared_ray):
+    from orchestrator.checkpoint import file_sha256
+
+    plain = run("gptq-w3g128-asymmetric", tmp_path / "plain", micro_lm, "stages.0.asymmetric=0")
+    one = run("gptq-w3g128-asymmetric", tmp_path / "one", micro_lm, "cluster.workers=1")
+    two = run("gptq-w3g128-asymmetric", tmp_path / "two", micro_lm, "cluster.workers=2")
+    assert one["calibration"]["mode"] == "sequential"
+    shard_error = lambda r: [s["error"] for s in r["shards"]]
+    assert shard_error(one)[0] == shard_error(plain)[0]  # shard 0: dense and compressed inputs are the same
+    assert shard_error(one)[1:] != shard_error(plain)[1:]  # later shards follow the dense outputs as well
+    for name in sorted(p.name for p in (one["dir"] / "model").glob("*.safetensors")):
+        assert file_sha256(one["dir"] / "model" / name) == file_sha256(two["dir"] / "model" / name), name
+    assert len({s["worker"]["pid"] for s in two["shards"]}) == 2
+
+
+def test_asymmetric_calibration_in_parallel_mode_is_refused_before_any_work(tmp_path, micro_lm, capsys):
+    overrides = [f"model.path={micro_lm}", f"output.dir={tmp_path}", *SMALL, "partition.calibration=parallel"]
+    assert main(["run", str(REPO / "recipes" / "gptq-w3g128-asymmetric.yaml"), *overrides, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.0.asymmetric" in err and "partition.calibration=sequential" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # no run folder
+
+
 def test_calibrated_output_bytes_do_not_depend_on_worker_count(tmp_path, micro_lm, shared_ray):
     from orchestrator.checkpoint import file_sha256
 

@@ -334,3 +334,49 @@ def test_compress_layer_passes_h_to_the_techniques():
     W_hat, metrics, _ = compress_layer(W, "layers.0.q_proj", recipe.stages, hessian(X))
     assert ((W_hat != 0).reshape(OUT, -1, 4).sum(-1) <= 2).all()
     assert metrics.methods == ["sparsegpt", "gptq"] and metrics.bits == 4
+
+
+# --- asymmetric calibration (GPTAQ) ----------------------------------------------------------------
+
+
+def asymmetric_layer(seed=15):
+    """-> W, the dense inputs X and the compressed model's inputs X~ = X + a correlated error (as if the
+    blocks before were quantized), with H~ and C as the worker accumulates them batch by batch."""
+    W, X = make_layer(seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    X_tilde = X + 0.3 * X.std() * torch.randn(X.shape, generator=g) @ (torch.randn(IN, IN, generator=g) / IN**0.5)
+    H, C, n = None, None, 0
+    for x, x_dense in zip(X_tilde.split(128), X.split(128)):
+        C, _ = accumulate_hessian(C, n, x, left=x_dense - x)
+        H, n = accumulate_hessian(H, n, x)
+    return W, X, X_tilde, H, C
+
+
+def test_the_cross_term_is_the_running_mean_of_dense_minus_compressed_inputs():
+    _, X, X_tilde, _, C = asymmetric_layer()
+    direct = 2.0 / X.shape[0] * (X - X_tilde).double().T @ X_tilde.double()  # (2/n) sum (x - x~) x~^T
+    torch.testing.assert_close(C.double(), direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
+
+
+def test_the_asymmetric_target_is_the_least_squares_map_from_compressed_inputs_to_dense_outputs():
+    from orchestrator.techniques.gptq import asymmetric_target
+
+    W, X, X_tilde, H, C = asymmetric_layer()
+    W_star = asymmetric_target(W.double(), H.double(), C.double(), alpha=1.0, damp=1e-9)
+    residual = W.double() @ X.double().T - W_star @ X_tilde.double().T  # [out, tokens]
+    assert (residual @ X_tilde.double()).abs().max() < 1e-6 * (W.double() @ X.double().T).abs().max() * len(X)
+    # and it does better than W on that objective (W maps x~, not x, to the dense outputs)
+    assert residual.square().sum() < 0.8 * (W.double() @ (X - X_tilde).double().T).square().sum()
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_asymmetric_gptq_matches_the_dense_outputs_better_than_gptq(bits):
+    W, X, X_tilde, H, C = asymmetric_layer()
+    dense_out = W.double() @ X.double().T
+    error = lambda r: (dense_out - r.weight.double() @ X_tilde.double().T).square().sum().item()
+    plain = gptq(W, GPTQParams(bits=bits, group_size=32), H)
+    assert error(gptq(W, GPTQParams(bits=bits, group_size=32, asymmetric=1.0), H, C)) < 0.9 * error(plain)
+    assert error(gptq(W, GPTQParams(bits=bits, group_size=32, asymmetric=0.25), H, C)) < error(plain)
+    # no weight, or no cross term (a layer without dense inputs): exactly GPTQ
+    assert torch.equal(gptq(W, GPTQParams(bits=bits, group_size=32), H, C).qweight, plain.qweight)
+    assert torch.equal(gptq(W, GPTQParams(bits=bits, group_size=32, asymmetric=1.0), H, None).qweight, plain.qweight)

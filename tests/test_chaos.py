@@ -112,6 +112,22 @@ def test_sigkill_of_a_worker_mid_shard_changes_no_byte(chaos_model, fault_free, 
     assert hashes(tmp_path / "killed-worker") == fault_free
 
 
+def test_sigkill_of_a_worker_in_asymmetric_calibration_changes_no_byte(chaos_model, cluster, tmp_path):
+    """Sequential calibration with the dense chain beside the compressed one (gptq asymmetric): a worker
+    killed after shard 0 is committed; the retry rebuilds both links (the compressed one from committed
+    shards, the dense one from the model) and gives the fault-free bytes."""
+    asymmetric = ["partition.calibration=sequential", "stages.0.asymmetric=0.25"]
+    ref = run_cli("run", RECIPE, f"model.path={chaos_model}", f"output.dir={tmp_path}", "output.name=ref",
+                  *asymmetric, *QUIET, cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = start_driver(chaos_model, tmp_path, "killed", f"cluster.address={cluster.address}", *asymmetric)
+    wait_until(lambda: (tmp_path / ".killed.partial" / "shards" / "00000.json").exists(), 180, "shard 0 committed")
+    report = kill_a_busy_worker(proc, tmp_path / "killed")
+    failed = {e["shard"] for e in events(tmp_path, "killed", "failure")}
+    assert failed and 0 not in failed, failed  # the retried shard's inputs had to be rebuilt
+    assert hashes(tmp_path / "killed") == hashes(tmp_path / "ref")
+
+
 def test_removing_a_node_with_shards_in_flight_commits_each_shard_once(chaos_model, fault_free, cluster, tmp_path):
     doomed = cluster.add_node(num_cpus=2)
     proc = start_driver(chaos_model, tmp_path, "lost-node", f"cluster.address={cluster.address}",

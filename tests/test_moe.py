@@ -196,7 +196,7 @@ def test_an_expert_the_router_never_chose_gets_finite_statistics_and_a_finite_gr
     gate = next(l for l in layers if l.expert and l.expert.expert == 0 and l.name.endswith("gate_proj"))
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
     stage = load_recipe(REPO / "recipes" / "gptq-w4g128.yaml", ["stages.0.group_size=32"]).stages
-    rtn = load_recipe(REPO / "recipes" / "rtn-w4g128.yaml", ["stages.0.group_size=32"]).stages
+    rtn = load_recipe(REPO / "recipes" / "rtn-w4g128.yaml", ["stages.0.group_size=32", "stages.0.observer=mse"]).stages
     W = tensors[gate.weight_key].float()
 
     found = {}

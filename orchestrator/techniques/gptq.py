@@ -29,6 +29,21 @@ Grid parameters (grid.py's signed integers, so export can pack them as is):
   groups"): column c stays in group c // group_size, so the export needs no
   g_idx. With group_size == -1 this is the same as the first rule.
 
+Asymmetric calibration (GPTAQ: Li et al., "GPTQv2: Efficient Finetuning-Free
+Quantization with Asymmetric Calibration", 2025), `asymmetric: alpha > 0`: in
+sequential calibration a layer's inputs x~ come from the blocks already
+compressed, while the dense model saw x. The objective becomes
+sum ||W x - Q x~||^2: match the dense layer's outputs from the compressed
+model's inputs. With H~ = (2/n) sum x~ x~^T and C = (2/n) sum (x - x~) x~^T,
+completing the square gives
+
+    sum ||W x - Q x~||^2 = (W* - Q) H~ (W* - Q)^T + const,   W* = W + W C H~^-1
+
+so it is GPTQ with H~ on the target W* (the least-squares map from x~ to the
+dense outputs). alpha scales the correction, W* = W + alpha W C H~^-1, since
+the full step fits the calibration tokens' differences too closely (GPTAQ's own
+code uses 0.25); H~ is damped as in the sweep.
+
 The arithmetic runs in `precision` (float32 by default, as the paper's code;
 float64 on request); the scales are float32, as stored, and the weights are
 quantized against exactly those scales, so
@@ -55,12 +70,24 @@ class GPTQParams(QuantizeParams):
     block_size: int = 128  # columns per lazy batch
     damp: float = 0.01  # added to diag(H), as a fraction of its mean
     act_order: bool = True  # process columns by decreasing diag(H)
+    asymmetric: float = 0.0  # > 0: GPTAQ's target shift with this weight (needs partition.calibration: sequential)
     observer: str = "mse"  # as rtn's, here "mse" by default (measured on SmolLM2: see the README)
     precision: str = "float32"  # of the factorisation and the sweep: float32 | float64
 
     def __post_init__(self):
         super().__post_init__()
         check_sweep(self.block_size, self.damp, self.precision)
+        if not 0 <= self.asymmetric <= 1:
+            raise ValueError(f"asymmetric: must be in [0, 1] (the weight of the asymmetric target), got {self.asymmetric}")
+
+
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float, damp: float) -> torch.Tensor:
+    """W [out, in], H~ [in, in], C [in, in] -> W* = W + alpha W C (H~ + lambda I)^-1 (see the module docstring)."""
+    Hd = H.clone()
+    Hd.diagonal().add_(damp * H.diagonal().mean())  # H~ + lambda I, symmetric positive definite
+    L = torch.linalg.cholesky(Hd)
+    shift = torch.cholesky_solve((W @ C).T, L).T  # (W C) (H~ + lambda I)^-1, [out, in]
+    return W + alpha * shift
 
 
 def group_width(in_features: int, group_size: int) -> int:
@@ -100,8 +127,9 @@ def initial_grid(W: torch.Tensor, g: int, p, fit: bool) -> tuple[torch.Tensor, t
 
 
 @register("gptq", "quantize", GPTQParams, needs_calibration=True)
-def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
-    """W [out, in] float32, H [in, in] -> W quantized on the grid with GPTQ's error feedback.
+def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor | None = None) -> LayerResult:
+    """W [out, in] float32, H [in, in] -> W quantized on the grid with GPTQ's error feedback; C [in, in] the
+    asymmetric cross term (used when p.asymmetric > 0; None: the layer had no dense inputs, plain GPTQ).
 
     stats: damp (the relative damping that made H invertible), damp_raised (it
     had to be raised above p.damp), loss (the paper's sum over columns of
@@ -113,8 +141,10 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None) -> LayerResult:
     out_features, in_features = W.shape
     g = group_width(in_features, p.group_size)
     W, H, dead = prepare(W, H, "gptq", p.precision)  # copies in p.precision, dead inputs zeroed
+    if p.asymmetric > 0 and C is not None:
+        W = asymmetric_target(W, H, C.to(W.dtype), p.asymmetric, p.damp)  # dead columns stay 0: C's are 0
 
-    static = p.act_order  # fit every group up front, on the original W
+    static = p.act_order  # fit every group up front, on W before any update
     scale, zero = initial_grid(W, g, p, static)  # [out, n_groups] each
 
     perm = None

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 
-def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor,
+                       left: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Fold the tokens X [..., in] into H [in, in] (the mean over n tokens so far) -> (H, n + tokens).
 
     A running mean, updated in place: H <- H * n / (n + t) + (2 / (n + t)) X^T X,
@@ -27,10 +28,14 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple
     batching. It is kept in float32 (float64 when X is float64): one fused
     matmul-accumulate per batch, which is most of the cost of calibration for
     the widest layers. No randomness, so it is deterministic on a device.
+
+    left [..., in] (same tokens): the cross term (2/N) sum l x^T = (2/N) L^T X instead (asymmetric
+    calibration's C, gptq.py).
     """
     X = X.reshape(-1, X.shape[-1])  # [t, in]
     if X.dtype != torch.float64:
         X = X.to(torch.float32)
+    L = X if left is None else left.reshape(X.shape).to(X.dtype)  # [t, in]
     t = X.shape[0]
     if H is None:
         H = torch.zeros(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
@@ -38,7 +43,7 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple
         raise ValueError(f"H is {tuple(H.shape)} but the inputs have {X.shape[1]} features")
     if t == 0:
         return H, n
-    H.mul_(n / (n + t)).addmm_(X.T, X.to(H.dtype), alpha=2.0 / (n + t))  # [in, in]
+    H.mul_(n / (n + t)).addmm_(L.T, X.to(H.dtype), alpha=2.0 / (n + t))  # [in, in]
     return H, n + t
 
 
