@@ -381,6 +381,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="orchestrator vs llm-compressor: wall time, peak memory, perplexity")
     p.add_argument("--model", default="reference:tiny-lm", help="model folder or reference:NAME (default: %(default)s)")
     p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--one-seed", metavar="CASES", help="comma-separated cases run at the first of --seeds only "
+                   "(the data-free RTN cases always are)")
     p.add_argument("--pareto", metavar="PNG", help="also draw bits per weight on disk against perplexity, both "
                    "tools, with orchestrator compare's Pareto plot")
     p.add_argument("--seeds", help="comma-separated calibration seeds (data.calibration.seed, both tools get the "
@@ -487,8 +489,9 @@ def compare(args, bench: Bench) -> int:
     calib_cache: dict[tuple, tuple] = {}
     dense_ppl = None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
-    # a data-free case reads no calibration ids: once, at the first seed
-    runs = [(seed, case) for seed in seeds for case in cases if seed == seeds[0] or case not in DATA_FREE]
+    # a data-free case reads no calibration ids: once, at the first seed (as the --one-seed cases)
+    once = DATA_FREE | set(args.one_seed.split(",") if args.one_seed else ())
+    runs = [(seed, case) for seed in seeds for case in cases if seed == seeds[0] or case not in once]
     for seed, case in runs:
         recipe = load_recipe(ROOT / "recipes" / f"{case}.yaml", [f"model.path={model_dir}"])
         cal = recipe.config.data.calibration
