@@ -42,9 +42,16 @@ def body(name: str, table_only: bool) -> str:
     lines = text.rstrip().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
-    if table_only:
-        lines = [line for line in lines if line.startswith("|") or line.startswith("Source:")]
-        lines = [line if line.startswith("|") else "\n" + line for line in lines]
+    if table_only:  # the tables (a blank line between two) and the Source: line
+        kept = []
+        for i, line in enumerate(lines):
+            if line.startswith("|"):
+                if kept and i and not lines[i - 1].startswith("|"):
+                    kept.append("")
+                kept.append(line)
+            elif line.startswith("Source:"):
+                kept += ["", line]
+        lines = kept
     return "\n".join(lines).strip() + "\n"
 
 

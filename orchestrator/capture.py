@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,12 @@ from orchestrator.techniques.hessian import accumulate_hessian
 class BlockInputs:
     hidden: list[torch.Tensor]  # per calibration batch: [batch, seq, hidden]
     kwargs: list[dict]  # per batch: the keyword arguments every block is called with
+    token_masks: list[torch.Tensor] | None = None  # per batch [batch, seq] bool, False = padding (left out of H)
+
+
+def token_masks(attention_mask: torch.Tensor | None, batch_size: int) -> list[torch.Tensor] | None:
+    """The calibration's attention mask [n, seq] -> per batch the tokens that count: [batch, seq] bool."""
+    return None if attention_mask is None else [m.bool() for m in attention_mask.split(batch_size)]
 
 
 class _StopForward(Exception):
@@ -59,8 +66,10 @@ def _auto_class(config: PretrainedConfig):
 
 @torch.no_grad()
 def capture_block_inputs(config: PretrainedConfig, stem_tensors: dict[str, torch.Tensor], input_ids: torch.Tensor,
-                         batch_size: int) -> BlockInputs:
-    """Embed the calibration ids [n, seq] -> the first block's inputs, batch by batch."""
+                         batch_size: int, attention_mask: torch.Tensor | None = None) -> BlockInputs:
+    """Embed the calibration ids [n, seq] (padded sentences: with their attention mask [n, seq]) -> the
+    first block's inputs, batch by batch; the blocks' keyword arguments carry the mask as the model
+    built it."""
     one_block = copy.deepcopy(config)
     one_block.num_hidden_layers = 1
     with no_init_weights():
@@ -75,17 +84,19 @@ def capture_block_inputs(config: PretrainedConfig, stem_tensors: dict[str, torch
     model.load_state_dict(state, strict=False, assign=True)
     model.eval()
     _, blocks = find_blocks(model)
+    names = list(inspect.signature(blocks[0].forward).parameters)  # positional arguments by name (BERT's mask)
     catcher = _Catcher()
     blocks[0] = catcher
-    inputs = BlockInputs([], [])
-    for batch in input_ids.split(batch_size):
+    inputs = BlockInputs([], [], token_masks(attention_mask, batch_size))
+    masks = [None] * len(input_ids.split(batch_size)) if attention_mask is None else attention_mask.split(batch_size)
+    for batch, mask in zip(input_ids.split(batch_size), masks):
         try:
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch, attention_mask=mask, use_cache=False)
         except _StopForward:
             pass
         args, kwargs = catcher.calls.pop()
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        kwargs = {**dict(zip(names[1:], args[1:])), **{k: v for k, v in kwargs.items() if k != "hidden_states"}}
         inputs.hidden.append(hidden.detach().clone())
         inputs.kwargs.append(kwargs)
     return inputs
@@ -322,7 +333,9 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
     dense (asymmetric calibration): the dense model's hidden states of the same batches. Each batch runs
     on them first, recording every layer's dense input, so that C (HessianSet) pairs each token's dense
     and given inputs; the outputs returned are then the dense ones (the next shard's dense inputs).
-    Experts get no C: the two passes may route a token to different experts."""
+    Experts get no C: the two passes may route a token to different experts.
+
+    inputs.token_masks (padded sentences): the padding tokens are left out of every H and C."""
     hessians = HessianSet()
     modules = _hooked_modules(blocks, shard, {l.name for l in collect if l.expert is None}) if collect else {}
     experts = [l for l in collect if l.expert is not None]
@@ -331,17 +344,21 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
     # cannot be reused, and the first layer that read it)
     seen: dict[int, tuple[torch.Tensor, str]] = {}
     reference: dict[str, torch.Tensor] = {}  # layer -> its dense input in this batch (asymmetric calibration)
-    dense_pass = [False]  # True while the dense reference pass runs
+    # this batch: is the dense reference pass running; its token mask [batch, seq] bool on `device` (or None)
+    batch = {"dense_pass": False, "mask": None}
 
     def hook(name):
         def record(module, args, output):
             x = args[0]
-            if dense_pass[0]:
+            if batch["dense_pass"]:
                 reference[name] = x
                 return
             leader = seen.setdefault(id(x), (x, name))[1]
             if leader == name:
-                hessians.fold(name, [name], x, reference.get(name))
+                dense_x, mask = reference.get(name), batch["mask"]
+                if mask is not None:  # padding tokens are not calibration data
+                    x, dense_x = x[mask], None if dense_x is None else dense_x[mask]
+                hessians.fold(name, [name], x, dense_x)
             else:
                 hessians.join(leader, name)
         return record
@@ -351,11 +368,12 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
     try:
         for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             kwargs = to_device(kwargs, device)
+            batch["mask"] = None if inputs.token_masks is None else inputs.token_masks[b].to(device)
             if dense is not None:
-                dense_pass[0] = True
+                batch["dense_pass"] = True
                 with _recorders_off(recorded):
                     outputs.append(_forward(blocks, dense[b].to(device), kwargs, seen).cpu())
-                dense_pass[0] = False
+                batch["dense_pass"] = False
             x = _forward(blocks, hidden.to(device), kwargs, seen)
             reference.clear()
             if dense is None:

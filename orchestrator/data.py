@@ -1,7 +1,8 @@
 """Texts and the token windows cut from them: the one place windows are built.
 
 - calibration windows: `num_samples` windows at seeded random offsets of the train split, hashed
-  (the hash goes in the report and the store's fingerprint);
+  (the hash goes in the report and the store's fingerprint); for encoders, whole sentences instead
+  (padded, with their attention mask);
 - evaluation windows: consecutive, non-overlapping windows of the held-out split;
 - evaluation sentences (encoders): the held-out split's lines;
 - random training windows (the reference models' training, the recover stage's windows).
@@ -23,7 +24,8 @@ from orchestrator.recipe import CalibrationDataConfig, EvalDataConfig
 @dataclass(frozen=True)
 class Calibration:
     input_ids: torch.Tensor  # [num_samples, seq_len] int64
-    sha256: str  # of the token ids: what the compression actually saw
+    sha256: str  # of the token ids (and the mask): what the compression actually saw
+    attention_mask: torch.Tensor | None = None  # [num_samples, seq_len] int64, 0 = padding (sentences only)
 
 
 def read_text(source: str, split: str, key: str) -> str:
@@ -76,6 +78,31 @@ def calibration_windows(tokenizer, cfg: CalibrationDataConfig) -> Calibration:
     return Calibration(windows, hashlib.sha256(windows.numpy().tobytes()).hexdigest())
 
 
+def text_lines(text: str) -> list[str]:
+    """The non-trivial lines of a text (4+ words), whitespace collapsed, in order."""
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return [line for line in lines if len(line.split()) >= 4]
+
+
+def calibration_sentences(tokenizer, cfg: CalibrationDataConfig) -> Calibration:
+    """`num_samples` lines of the train text drawn without replacement (seeded), each tokenized as the
+    model sees a sentence in use (its special tokens, at most seq_len tokens), padded to the longest:
+    input_ids and attention_mask [num_samples, longest]."""
+    lines = text_lines(read_text(cfg.source, "train", "data.calibration.source"))
+    if len(lines) < cfg.num_samples:
+        raise UserError(f"data.calibration.source: {len(lines)} lines of 4+ words, fewer than "
+                        f"num_samples={cfg.num_samples} (data.calibration.shape: sentences)")
+    if tokenizer.pad_token_id is None:
+        raise UserError("data.calibration.shape: sentences needs a tokenizer with a padding token; "
+                        "this one has none (use windows)")
+    order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.num_samples]
+    batch = tokenizer([lines[i] for i in order.tolist()], padding="longest", truncation=True, max_length=cfg.seq_len,
+                      return_tensors="pt")
+    ids, mask = batch["input_ids"].long(), batch["attention_mask"].long()
+    digest = hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()
+    return Calibration(ids, digest, mask)
+
+
 def eval_windows(tokenizer, cfg: EvalDataConfig) -> torch.Tensor:
     """Held-out text -> [windows, seq_len] consecutive, non-overlapping token windows."""
     ids = token_ids(tokenizer, read_text(cfg.source, "heldout", "data.eval.source"))
@@ -89,8 +116,7 @@ def eval_windows(tokenizer, cfg: EvalDataConfig) -> torch.Tensor:
 
 def eval_sentences(cfg: EvalDataConfig) -> list[str]:
     """Held-out sentences for encoder fidelity: the non-trivial lines of the held-out text, in order."""
-    lines = [" ".join(line.split()) for line in read_text(cfg.source, "heldout", "data.eval.source").splitlines()]
-    sentences = [line for line in lines if len(line.split()) >= 4]
+    sentences = text_lines(read_text(cfg.source, "heldout", "data.eval.source"))
     if len(sentences) <= cfg.top_k:
         raise UserError(f"data.eval.source: {len(sentences)} held-out sentences of 4+ words; "
                         f"top-k agreement needs more than top_k={cfg.top_k}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.data import Calibration, calibration_windows, eval_sentences, eval_windows
+from orchestrator.data import Calibration, calibration_sentences, calibration_windows, eval_sentences, eval_windows
 from orchestrator.errors import UserError
 from orchestrator.partition import CAUSAL_LM, Partition, partition_model
 from orchestrator.planner import Forecast, check_fits, fits, forecast
@@ -201,7 +201,11 @@ def read_data(recipe: Recipe, model_dir: Path, partition: Partition) -> tuple[Ca
     except (ValueError, OSError) as e:  # no tokenizer files, or none transformers can build
         raise UserError(f"model.path: cannot load a tokenizer from {model_dir} (calibration and perplexity "
                         f"need one): {str(e).strip().splitlines()[0]}") from None
-    calibration = calibration_windows(tokenizer, cfg.data.calibration) if needs_calibration else None
+    shape = cfg.data.calibration.shape
+    if shape == "auto":  # encoders calibrated as they are used: whole sentences
+        shape = "windows" if partition.task == CAUSAL_LM else "sentences"
+    build = calibration_sentences if shape == "sentences" else calibration_windows
+    calibration = build(tokenizer, cfg.data.calibration) if needs_calibration else None
     if measures_perplexity:
         eval_windows(tokenizer, cfg.data.eval)
     recover_ids = calibration_windows(tokenizer, recover_data(cfg)).input_ids if cfg.recover.enabled else None

@@ -84,12 +84,17 @@ class CalibrationDataConfig:
     seq_len: int = 128
     seed: int = 0
     batch_size: int = 8  # windows per forward pass while capturing activations
+    # windows: seq_len tokens cut from the concatenated text; sentences: whole lines (at most seq_len tokens)
+    # with the tokenizer's special tokens, padded, padding left out of the statistics; auto: sentences for
+    # encoders (as they are used), windows for causal LMs
+    shape: str = "auto"
 
     def __post_init__(self):
         require("data.calibration",
                 (self.num_samples >= 1, "num_samples", "must be >= 1"),
                 (self.seq_len >= 8, "seq_len", "must be >= 8"),
-                (self.batch_size >= 1, "batch_size", "must be >= 1"))
+                (self.batch_size >= 1, "batch_size", "must be >= 1"),
+                (self.shape in ("auto", "windows", "sentences"), "shape", "must be auto, windows or sentences"))
 
 
 @dataclass

@@ -165,10 +165,13 @@ def bits_per_weight(sizes: dict, num_params: int) -> dict:
 def calibration_summary(plan) -> dict | None:
     if plan.calibration is None:
         return None
-    cfg = plan.recipe.config
-    return {"source": cfg.data.calibration.source, "num_samples": int(plan.calibration.input_ids.shape[0]),
-            "seq_len": int(plan.calibration.input_ids.shape[1]), "seed": cfg.data.calibration.seed,
-            "mode": cfg.partition.calibration, "sha256": plan.calibration.sha256}
+    cfg, mask = plan.recipe.config, plan.calibration.attention_mask
+    summary = {"source": cfg.data.calibration.source, "num_samples": int(plan.calibration.input_ids.shape[0]),
+               "seq_len": int(plan.calibration.input_ids.shape[1]), "seed": cfg.data.calibration.seed,
+               "mode": cfg.partition.calibration, "sha256": plan.calibration.sha256}
+    if mask is not None:  # padded sentences (data.calibration.shape): seq_len is the longest, tokens the real ones
+        summary |= {"shape": "sentences", "tokens": int(mask.sum())}
+    return summary
 
 
 def build_eval(model_dir: Path, baseline_dir: Path | None, cfg, num_params: int, result: dict,

@@ -23,6 +23,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayError
 
 from orchestrator.assemble import Layout
+from orchestrator.capture import token_masks
 from orchestrator.errors import RunFailed
 from orchestrator.partition import Shard, load_config
 from orchestrator.worker import CompressionWorker, ShardFiles, ShardResult
@@ -86,6 +87,10 @@ class ShardPool:
         self.dense_inputs: dict[int, ray.ObjectRef] = {}  # the same from the dense model (asymmetric)
         self.part_outputs: dict[int, ray.ObjectRef] = {}  # a part of an expert-split block -> its experts' outputs
         self.block_kwargs: ray.ObjectRef | None = None  # what every block is called with besides them
+        calibration, batch_size = plan.calibration, recipe.config.data.calibration.batch_size
+        # padded sentences: per batch the tokens that count, and the mask the embedding gets
+        self.attention_mask = calibration.attention_mask if calibration else None
+        self.token_masks = token_masks(self.attention_mask, batch_size)
 
     def has_idle(self) -> bool:
         return bool(self.idle)
@@ -138,7 +143,7 @@ class ShardPool:
             if k == 0:  # the first block's inputs, from the embedding
                 self.inputs[0], self.block_kwargs = actor.embed.options(num_returns=2).remote(
                     list(partition.rest_keys), self.plan.calibration.input_ids,
-                    self.plan.recipe.config.data.calibration.batch_size)
+                    self.plan.recipe.config.data.calibration.batch_size, self.attention_mask)
                 return self.inputs[0]
             previous = partition.shards[k - 1]
             parts = partition.parts_of(previous)
@@ -188,7 +193,7 @@ class ShardPool:
         hidden = self.input_of(k, actor)
         dense = self.dense_input_of(k, actor) if self.asymmetric else None
         dense_out = actor.calibrate.remote(shard, hidden, self.block_kwargs, self.stages, self.plan.recipe.config.experts,
-                                           not self.sequential or self.asymmetric, dense)
+                                           not self.sequential or self.asymmetric, dense, self.token_masks)
         if self.asymmetric:  # the dense chain's next link; the compressed chain's comes from compress
             self.dense_inputs[k + 1] = dense_out
         if self.sequential:

@@ -213,26 +213,28 @@ class CompressionWorker:
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         return read_keys(self.model_dir, keys, self.key_to_file)
 
-    def embed(self, stem_keys: list[str], input_ids: torch.Tensor,
-              batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
-        """The first block's inputs for the calibration ids: (hidden states per batch, block kwargs per batch)."""
-        inputs = capture_block_inputs(self.config, self.read(stem_keys), input_ids, batch_size)
+    def embed(self, stem_keys: list[str], input_ids: torch.Tensor, batch_size: int,
+              attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[dict]]:
+        """The first block's inputs for the calibration ids (padded sentences: with their mask): (hidden
+        states per batch, block kwargs per batch)."""
+        inputs = capture_block_inputs(self.config, self.read(stem_keys), input_ids, batch_size, attention_mask)
         return inputs.hidden, inputs.kwargs
 
     def calibrate(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
                   stages: list[Stage], experts: ExpertsConfig, hand_on: bool = True,
-                  dense: list[torch.Tensor] | None = None) -> Outputs | None:
+                  dense: list[torch.Tensor] | None = None, masks: list[torch.Tensor] | None = None) -> Outputs | None:
         """Hessians of the layers that need them (and of under-calibrated experts, as `experts` says), kept
         here with the tokens each expert was sent; returns the dense blocks' outputs (a part of a block:
         its experts' outputs) when `hand_on` (parallel mode: the next shard's inputs), else None.
         dense: the dense model's hidden states of the same batches (asymmetric calibration, sequential
-        mode): the cross terms are kept too, and the outputs returned are the dense chain's next link."""
+        mode): the cross terms are kept too, and the outputs returned are the dense chain's next link.
+        masks: per batch the tokens that are not padding (capture.token_masks), the only ones in H."""
         wall, cpu = time.perf_counter(), time.process_time()
         tensors = self.read(list(shard.tensor_keys))
         blocks = build_blocks(self.kind, shard, {**tensors, **self.context(shard, None)}).to(self.device)
         wanted = [layer for layer in shard.linears
                   if any(s.technique.needs_calibration and s.applies_to(layer.name, layer.router) for s in stages)]
-        inputs = BlockInputs(hidden, kwargs)
+        inputs = BlockInputs(hidden, kwargs, masks)
         with expert_outputs(blocks, shard) as kept:
             outputs, hessians = run_blocks(blocks, inputs, shard, wanted, self.device, dense=dense)
         routing = recalibrate_experts(blocks, inputs, shard, wanted, hessians, experts.min_tokens,

@@ -71,3 +71,30 @@ def test_layers_reading_one_input_share_one_hessian_as_the_planner_expects(llama
     handle.remove()
     X = torch.cat(seen).double()  # [tokens, hidden]
     assert torch.allclose(q.double(), 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_padded_sentences_give_the_hessians_of_the_sentences_run_one_by_one(tmp_path):
+    """Encoder calibration on padded sentences: the mask reaches the attention (the real tokens' states
+    do not see the padding) and the padding tokens stay out of H, so H is the one of the sentences
+    without padding, each run alone."""
+    folder = save_random_model("bert", tmp_path / "bert")
+    partition, config = partition_model(folder, blocks_per_shard=1), load_config(folder)
+    shard = partition.shards[0]
+    stem = read_keys(folder, list(partition.rest_keys), partition.key_to_file)
+    blocks = build_blocks(block_kind(config), shard, read_keys(folder, list(shard.tensor_keys), partition.key_to_file))
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 12, 9, 3]
+    ids = torch.zeros(4, 12, dtype=torch.long)
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n], mask[row, :n] = torch.randint(1, 512, (n,), generator=g), 1
+    _, padded = run_blocks(blocks, capture_block_inputs(config, stem, ids, 2, mask), shard, list(shard.linears))
+    alone = None
+    for row, n in enumerate(lengths):  # one sentence per batch, no padding at all
+        inputs = capture_block_inputs(config, stem, ids[row:row + 1, :n], 1)
+        alone = [run_blocks(blocks, inputs, shard, list(shard.linears))[1]] + ([] if alone is None else alone)
+    for layer in shard.linears:
+        leader = padded.leader(layer.name)
+        assert padded.n[leader] == sum(lengths)  # only the real tokens
+        expected = sum(h.H[h.leader(layer.name)].double() * h.n[h.leader(layer.name)] for h in alone) / sum(lengths)
+        torch.testing.assert_close(padded.of(layer.name).double(), expected, rtol=1e-4, atol=1e-5)

@@ -58,3 +58,22 @@ def test_eval_sentences_are_the_held_out_lines_of_four_words_or_more(tmp_path):
     assert got == lines[:10]
     with pytest.raises(UserError, match="top_k=20"):
         eval_sentences(EvalDataConfig(source=str(tmp_path / "s.txt"), sentences=30, top_k=20))
+
+
+def test_calibration_sentences_are_seeded_lines_with_special_tokens_and_a_padding_mask(tmp_path):
+    from orchestrator.data import calibration_sentences
+    from orchestrator.reference import resolve_reference
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_reference("minilm", progress=False))
+    cfg = CalibrationDataConfig(num_samples=8, seq_len=64, seed=3)
+    a, b = calibration_sentences(tokenizer, cfg), calibration_sentences(tokenizer, cfg)
+    assert torch.equal(a.input_ids, b.input_ids) and a.sha256 == b.sha256
+    assert calibration_sentences(tokenizer, CalibrationDataConfig(num_samples=8, seq_len=64, seed=4)).sha256 != a.sha256
+    lengths = a.attention_mask.sum(1)
+    assert a.input_ids.shape == (8, int(lengths.max())) and lengths.min() < lengths.max()  # padded to the longest
+    assert (a.input_ids[:, 0] == tokenizer.cls_token_id).all()  # each a sentence as the encoder reads one
+    assert all(a.input_ids[i, n - 1] == tokenizer.sep_token_id for i, n in enumerate(lengths.tolist()))
+    assert (a.input_ids[a.attention_mask == 0] == tokenizer.pad_token_id).all()
+    (tmp_path / "few.txt").write_text("one line of words\nand another line here\n")
+    with pytest.raises(UserError, match=r"data.calibration.source: 2 lines of 4\+ words, fewer than num_samples=8"):
+        calibration_sentences(tokenizer, CalibrationDataConfig(source=str(tmp_path / "few.txt"), num_samples=8))
