@@ -10,8 +10,8 @@
   GPTQ Hessian H = 2/n sum x x^T of every Linear's input. Linears that read the
   very same tensor (q/k/v, gate/up) share one H, computed once: the hooks see
   which tensor each Linear reads, so the sharing is found at run time, whatever
-  the architecture. `expected_input_groups` predicts it from the layer names,
-  for the planner, which has no model to run.
+  the architecture (input_stats.py holds them, and predicts the sharing from
+  layer names for the planner, which has no model to run).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from transformers.initialization import no_init_weights
 from orchestrator.experts import (FIRST_EXPERT, OUTPUTS, RECORDER, CheckpointLayout, ExpertOutputs, ExpertRecorder,
                                   is_experts_module, with_capture)
 from orchestrator.partition import CAUSAL_LM, LinearLayer, Shard, find_blocks, task_of
-from orchestrator.techniques.hessian import accumulate_hessian
+from orchestrator.input_stats import HessianSet
 
 
 @dataclass
@@ -187,72 +187,6 @@ def _experts_modules(blocks: nn.ModuleList, shard: Shard) -> list[tuple[str, nn.
             for mname, module in block.named_modules() if is_experts_module(module)]
 
 
-# Layer names whose inputs are one tensor in the architectures we know (q/k/v or query/key/value; gate/up;
-# the low-rank q/kv projections of multi-head latent attention, DeepSeek's)
-SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv", "key": "qkv", "value": "qkv",
-                "gate_proj": "gate_up", "up_proj": "gate_up", "q_a_proj": "qkv_a", "kv_a_proj_with_mqa": "qkv_a"}
-
-
-def expected_input_groups(layers: list[LinearLayer]) -> dict[tuple[str, str], list[LinearLayer]]:
-    """The groups of layers `run_blocks` will find reading one input (one H each), predicted from names:
-    (parent module, shared-input name) -> its layers. An expert's projections group by what they read."""
-    groups: dict[tuple[str, str], list[LinearLayer]] = {}
-    for layer in layers:
-        if layer.expert is not None:
-            key = (layer.expert.module, f"{layer.expert.expert}.{layer.expert.input_of}")
-        else:
-            parent, leaf = layer.name.rsplit(".", 1)
-            key = (parent, SHARED_INPUT.get(leaf, leaf))
-        groups.setdefault(key, []).append(layer)
-    return groups
-
-
-@dataclass
-class HessianSet:
-    """Running H per group of layers that share an input, and the tokens each expert was sent; with dense
-    inputs alongside (asymmetric calibration), the cross term C = (2/n) sum (x - x~) x~^T too (gptq.py)."""
-
-    groups: dict[str, list[str]] = field(default_factory=dict)  # group leader -> member layer names
-    H: dict[str, torch.Tensor] = field(default_factory=dict)  # leader -> [in, in] float32
-    n: dict[str, int] = field(default_factory=dict)  # leader -> tokens in H
-    expert_tokens: dict[str, dict[int, int]] = field(default_factory=dict)  # experts module -> expert -> tokens
-    leaders: dict[str, str] = field(default_factory=dict)  # member layer name -> its group's leader
-    C: dict[str, torch.Tensor] = field(default_factory=dict)  # leader -> [in, in] float32 cross term
-
-    def leader(self, layer_name: str) -> str | None:
-        return self.leaders.get(layer_name)
-
-    def join(self, leader: str, member: str) -> None:
-        if member not in self.leaders:
-            self.groups.setdefault(leader, []).append(member)
-            self.leaders[member] = leader
-
-    def of(self, layer_name: str) -> torch.Tensor | None:
-        """The layer's H. No token reached it (an expert the router never chose): the identity, every input
-        weighing the same, so GPTQ rounds to nearest and SparseGPT / Wanda prune by magnitude."""
-        leader = self.leader(layer_name)
-        if leader is None or leader not in self.H:
-            return None
-        if self.n[leader] == 0:
-            return torch.eye(len(self.H[leader]), dtype=self.H[leader].dtype, device=self.H[leader].device)
-        return self.H[leader]
-
-    def cross_of(self, layer_name: str) -> torch.Tensor | None:
-        """The layer's C, None without dense inputs (or for a group no token reached)."""
-        leader = self.leader(layer_name)
-        return self.C.get(leader) if leader is not None and self.n.get(leader) else None
-
-    def fold(self, leader: str, members: list[str], x: torch.Tensor, dense_x: torch.Tensor | None = None) -> None:
-        """x [..., in], read by every layer in members, into the group's H; dense_x [..., in] the dense
-        model's input on the same tokens, into C."""
-        for member in members:
-            self.join(leader, member)
-        n = self.n.get(leader, 0)
-        if dense_x is not None:
-            self.C[leader], _ = accumulate_hessian(self.C.get(leader), n, x, left=dense_x.to(x.dtype) - x)
-        self.H[leader], self.n[leader] = accumulate_hessian(self.H.get(leader), n, x)
-
-
 def _hooked_modules(blocks: nn.ModuleList, shard: Shard, names: set[str]) -> dict[str, nn.Module]:
     """The modules of `names` (Linear layers, routers) in the built blocks."""
     by_name = {}
@@ -318,6 +252,36 @@ def _recorders_off(recorded: list[tuple[str, nn.Module]]):
             setattr(module, RECORDER, recorder)
 
 
+class _InputHooks:
+    """Forward hooks that fold each Linear's input into `hessians`, once per tensor (layers reading the
+    same tensor join the first one's group)."""
+
+    def __init__(self, hessians: HessianSet):
+        self.hessians = hessians
+        # id of an input tensor in the current block's forward -> (the tensor, kept alive so its id
+        # cannot be reused, and the first layer that read it)
+        self.seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self.reference: dict[str, torch.Tensor] = {}  # layer -> its dense input in this batch (asymmetric)
+        self.dense_pass = False  # the dense reference pass is running: record inputs, fold nothing
+        self.mask: torch.Tensor | None = None  # this batch's token mask [batch, seq] bool, False = padding
+
+    def hook(self, name: str):
+        def record(module, args, output):
+            x = args[0]
+            if self.dense_pass:
+                self.reference[name] = x
+                return
+            leader = self.seen.setdefault(id(x), (x, name))[1]
+            if leader != name:
+                self.hessians.join(leader, name)
+                return
+            dense_x = self.reference.get(name)
+            if self.mask is not None:  # padding tokens are not calibration data
+                x, dense_x = x[self.mask], None if dense_x is None else dense_x[self.mask]
+            self.hessians.fold(name, [name], x, dense_x)
+        return record
+
+
 @torch.no_grad()
 def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None = None,
                collect: list[LinearLayer] = (), device: torch.device = torch.device("cpu"),
@@ -340,42 +304,20 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
     modules = _hooked_modules(blocks, shard, {l.name for l in collect if l.expert is None}) if collect else {}
     experts = [l for l in collect if l.expert is not None]
     recorded = _attach_recorders(blocks, shard, experts, hessians, all_tokens) if experts else []
-    # id of an input tensor in the current block's forward -> (the tensor, kept alive so its id
-    # cannot be reused, and the first layer that read it)
-    seen: dict[int, tuple[torch.Tensor, str]] = {}
-    reference: dict[str, torch.Tensor] = {}  # layer -> its dense input in this batch (asymmetric calibration)
-    # this batch: is the dense reference pass running; its token mask [batch, seq] bool on `device` (or None)
-    batch = {"dense_pass": False, "mask": None}
-
-    def hook(name):
-        def record(module, args, output):
-            x = args[0]
-            if batch["dense_pass"]:
-                reference[name] = x
-                return
-            leader = seen.setdefault(id(x), (x, name))[1]
-            if leader == name:
-                dense_x, mask = reference.get(name), batch["mask"]
-                if mask is not None:  # padding tokens are not calibration data
-                    x, dense_x = x[mask], None if dense_x is None else dense_x[mask]
-                hessians.fold(name, [name], x, dense_x)
-            else:
-                hessians.join(leader, name)
-        return record
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in sorted(modules.items())]
+    hooks = _InputHooks(hessians)
+    handles = [m.register_forward_hook(hooks.hook(name)) for name, m in sorted(modules.items())]
     outputs = []
     try:
         for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             kwargs = to_device(kwargs, device)
-            batch["mask"] = None if inputs.token_masks is None else inputs.token_masks[b].to(device)
+            hooks.mask = None if inputs.token_masks is None else inputs.token_masks[b].to(device)
             if dense is not None:
-                batch["dense_pass"] = True
+                hooks.dense_pass = True
                 with _recorders_off(recorded):
-                    outputs.append(_forward(blocks, dense[b].to(device), kwargs, seen).cpu())
-                batch["dense_pass"] = False
-            x = _forward(blocks, hidden.to(device), kwargs, seen)
-            reference.clear()
+                    outputs.append(_forward(blocks, dense[b].to(device), kwargs, hooks.seen).cpu())
+                hooks.dense_pass = False
+            x = _forward(blocks, hidden.to(device), kwargs, hooks.seen)
+            hooks.reference.clear()
             if dense is None:
                 outputs.append(x.cpu())
     finally:

@@ -38,7 +38,7 @@ import psutil
 import torch
 from safetensors import safe_open
 
-from orchestrator.capture import expected_input_groups
+from orchestrator.input_stats import expected_input_groups
 from orchestrator.errors import UserError
 from orchestrator.partition import Shard, load_config
 

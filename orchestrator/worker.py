@@ -19,10 +19,11 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.capture import (BlockInputs, HessianSet, block_kind, build_blocks, capture_block_inputs,
+from orchestrator.capture import (BlockInputs, block_kind, build_blocks, capture_block_inputs,
                                   expert_outputs, recalibrate_experts, replay_of, run_blocks)
 from orchestrator.checkpoint import read_keys, write_tensors
 from orchestrator.export import QuantizedLayer, pack_shard, scheme_of
+from orchestrator.input_stats import HessianSet
 from orchestrator.partition import LinearLayer, Shard
 from orchestrator.recipe import ExpertsConfig, Stage
 from orchestrator.techniques.grid import QuantParams

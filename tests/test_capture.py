@@ -11,10 +11,10 @@ from orchestrator.capture import (
     block_kind,
     build_blocks,
     capture_block_inputs,
-    expected_input_groups,
     run_blocks,
 )
 from orchestrator.checkpoint import read_keys
+from orchestrator.input_stats import expected_input_groups
 from orchestrator.partition import load_config, partition_model
 from tests.models import HIDDEN, LAYERS, save_random_model
 

@@ -20,7 +20,6 @@ from orchestrator.capture import (
     block_kind,
     build_blocks,
     capture_block_inputs,
-    expected_input_groups,
     expert_outputs,
     recalibrate_experts,
     replay_of,
@@ -29,6 +28,7 @@ from orchestrator.capture import (
 from orchestrator.checkpoint import read_keys
 from orchestrator.cli import main
 from orchestrator.experts import is_experts_module
+from orchestrator.input_stats import expected_input_groups
 from orchestrator.partition import load_config, partition_model
 from orchestrator.recipe import load_recipe
 from orchestrator.worker import compress_layer
