@@ -77,3 +77,19 @@ def test_calibration_sentences_are_seeded_lines_with_special_tokens_and_a_paddin
     (tmp_path / "few.txt").write_text("one line of words\nand another line here\n")
     with pytest.raises(UserError, match=r"data.calibration.source: 2 lines of 4\+ words, fewer than num_samples=8"):
         calibration_sentences(tokenizer, CalibrationDataConfig(source=str(tmp_path / "few.txt"), num_samples=8))
+
+
+def test_encoders_calibrate_on_sentences_and_causal_lms_on_windows_by_default(tmp_path, micro_lm):
+    from orchestrator.plan import make_plan
+    from orchestrator.recipe import load_recipe
+    from tests.helpers import REPO
+
+    def plan(model, *extra):
+        recipe = load_recipe(REPO / "recipes" / "gptq-w4g128.yaml", [f"model.path={model}", f"output.dir={tmp_path}",
+                                                                     "data.calibration.num_samples=8", *extra])
+        return make_plan(recipe, progress=False).calibration
+
+    encoder = plan("reference:minilm")
+    assert encoder.attention_mask is not None and (encoder.attention_mask == 0).any()
+    assert plan(micro_lm).attention_mask is None
+    assert plan("reference:minilm", "data.calibration.shape=windows").attention_mask is None
