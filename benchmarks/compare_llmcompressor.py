@@ -385,6 +385,8 @@ def main(argv=None) -> int:
                    "(the data-free RTN cases always are)")
     p.add_argument("--pareto", metavar="PNG", help="also draw bits per weight on disk against perplexity, both "
                    "tools, with orchestrator compare's Pareto plot")
+    p.add_argument("--pareto-from", metavar="JSON", help="only redraw --pareto from a results JSON this script "
+                   "wrote (no runs)")
     p.add_argument("--seeds", help="comma-separated calibration seeds (data.calibration.seed, both tools get the "
                    "same ids per seed): every case once per seed, and a table of mean and spread over them")
     p.add_argument("--out", default=str(BENCH / "results" / "3-tiny-lm.md"),
@@ -433,6 +435,10 @@ def main(argv=None) -> int:
         args.model, args.calib_samples, args.calib_seq_len = SMOKE_MODEL, 16 if not args.timing_model else 8, 64
         args.eval_seq_len, args.eval_max_windows, args.cases = 64, 4, "gptq-w4g128,wanda-2of4"
         args.timing_shape, args.min_params = "128,2,256,2", 0
+    if args.pareto_from:
+        data = json.loads(Path(args.pareto_from).read_text())["data"]
+        pareto(data["rows"], Path(data["meta"]["facts"]["model"]), Path(args.pareto))
+        return 0
     with Bench() as bench:
         return compare(args, bench)
 

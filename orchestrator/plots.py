@@ -110,7 +110,10 @@ def pareto_plot(points: list[dict], dense: dict, quality_label: str, lower_is_be
             best = p["quality"]
     ax.plot([p["bits"] for p in front], [p["quality"] for p in front], "--", color="gray", label="Pareto front")
     ax.set_xlabel("bits per weight (whole model, on disk)")
-    ax.set_ylabel(quality_label)
+    values = [p["quality"] for p in [*points, dense]]
+    if min(values) > 0 and max(values) / min(values) > 20:  # a collapsed run would flatten all the others
+        ax.set_yscale("log")
+    ax.set_ylabel(quality_label + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_title("size versus quality")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
