@@ -88,8 +88,9 @@ def capture_block_inputs(config: PretrainedConfig, stem_tensors: dict[str, torch
     catcher = _Catcher()
     blocks[0] = catcher
     inputs = BlockInputs([], [], token_masks(attention_mask, batch_size))
-    masks = [None] * len(input_ids.split(batch_size)) if attention_mask is None else attention_mask.split(batch_size)
-    for batch, mask in zip(input_ids.split(batch_size), masks):
+    batches = input_ids.split(batch_size)
+    masks = [None] * len(batches) if attention_mask is None else attention_mask.split(batch_size)
+    for batch, mask in zip(batches, masks):
         try:
             model(input_ids=batch, attention_mask=mask, use_cache=False)
         except _StopForward:
