@@ -19,7 +19,8 @@
 #   7 GPU workers (needs CUDA)           gpu.py
 #   8 faults injected, bad input         faults.py (pytest -m chaos, tests/test_bad_input.py)
 #   9 recovery by distillation           recovery.py
-#  10 a mixture-of-experts model         compare_llmcompressor.py (random Mixtral >= 1 GB, 8 experts, GPTQ W4)
+#  10 a mixture-of-experts model         compare_llmcompressor.py (random Mixtral >= 1 GB, 8 experts, GPTQ W4);
+#                                       moe_plan.py (the planner's expert split, predicted vs measured peak)
 #  11 a real pretrained model (SmolLM2)  compare_llmcompressor.py (groups of 64, the peer at its defaults)
 #  12 ablation on SmolLM2               ablation.py (each quality option alone, W4 and W3 g64, 3 seeds)
 #  13 quality per bit, 3 seeds          compare_llmcompressor.py --seeds (tiny-lm, then SmolLM2: RTN and
@@ -83,7 +84,7 @@ section() {
     10) shape=1024,8,1792,16  # hidden, blocks, expert width, heads: 1.5 GB in float32
         [ ${#smoke[@]} -eq 0 ] || shape=128,2,256,2
         peer && compare moe 10-moe --timing-model --timing-experts 8 --timing-ppl --timing-shape "$shape" \
-          --eval-max-windows 16 ;;
+          --eval-max-windows 16 && bench moe_plan.py 10-moe-plan ;;
     11) model=(--model reference:smollm2 --calib-samples 64 --calib-seq-len 256 --eval-seq-len 256
                --eval-max-windows 64)  # issue 17's set-up: 64 x 256 calibration tokens, 64 x 256 held out
         [ ${#smoke[@]} -eq 0 ] || model=()
