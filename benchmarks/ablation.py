@@ -26,6 +26,7 @@ OLD = ["stages.0.act_order=false", "stages.0.observer=minmax"]  # GPTQ's setting
 NEW = ["stages.0.act_order=true", "stages.0.observer=mse"]  # its defaults since
 PARALLEL, SEQUENTIAL = ["partition.calibration=parallel"], ["partition.calibration=sequential"]
 ROTATED = ["rotation.enabled=true"]
+AWQ = ["stages.0.awq=true"]
 VARIANTS = [  # (id, name, recipe with {bits}, overrides, calibrated)
     ("rtn", "RTN", "rtn-w{bits}g128", ["stages.0.observer=minmax"], False),
     ("rtn-mse", "RTN + MSE grid", "rtn-w{bits}g128", ["stages.0.observer=mse"], False),
@@ -41,6 +42,9 @@ VARIANTS = [  # (id, name, recipe with {bits}, overrides, calibrated)
      NEW + SEQUENTIAL + ["stages.0.asymmetric=0.25"], True),
     ("gptq-ao-mse-seq-asym1", "GPTQ + act-order + MSE grid + sequential + asymmetric (1.0)", "gptq-w{bits}g128",
      NEW + SEQUENTIAL + ["stages.0.asymmetric=1.0"], True),
+    ("rtn-awq", "RTN + AWQ", "rtn-w{bits}g128", ["stages.0.observer=minmax"] + AWQ, True),
+    ("rtn-mse-awq", "RTN + MSE grid + AWQ", "rtn-w{bits}g128", ["stages.0.observer=mse"] + AWQ, True),
+    ("gptq-ao-mse-awq", "GPTQ + act-order + MSE grid + AWQ", "gptq-w{bits}g128", NEW + PARALLEL + AWQ, True),
     ("rtn-rot", "RTN + rotation", "rtn-w{bits}g128", ["stages.0.observer=minmax"] + ROTATED, False),
     ("gptq-ao-mse-rot", "GPTQ + act-order + MSE grid + rotation", "gptq-w{bits}g128", NEW + PARALLEL + ROTATED,
      True),

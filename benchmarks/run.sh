@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the measurements behind benchmarks/RESULTS.md and the figures in README.md.
 #
-#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10 11 12 13 14
+#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15
 #
 # Each section writes its tables (markdown) with their JSON beside them (the
 # numbers, commit, uncommitted files, machine, command line, load average) into
@@ -27,6 +27,7 @@
 #                                       GPTQ W4 / W3 / W2 g64, the peer at its defaults, W2 on SmolLM2 at
 #                                       seed 0 only; Pareto plot PNG)
 #  14 an encoder on sentences            encoder_calibration.py (MiniLM GPTQ W4 / W3: windows vs sentences)
+#  15 recovery at low bits on SmolLM2    recovery_low_bits.py (GPTQ W3 / W2 g64, then the recover stage)
 #
 # --smoke: every script end to end on the micro reference model with a few
 # short windows (and a tiny random Llama where a section builds one), into
@@ -43,11 +44,11 @@ sections=()
 for arg in "$@"; do
   case $arg in
     --smoke) smoke=(--smoke); results=benchmarks/.work/smoke/results; work=benchmarks/.work/smoke ;;
-    [1-9]|1[0-4]) sections+=("$arg") ;;
-    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-14)" >&2; exit 2 ;;
+    [1-9]|1[0-5]) sections+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-15)" >&2; exit 2 ;;
   esac
 done
-[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10 11 12 13 14)
+[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
 [ -x "$py" ] || { echo "error: $py not found: run scripts/setup.sh first" >&2; exit 2; }
 mkdir -p "$results" "$work/logs"
 exec 9>benchmarks/.work/run.lock
@@ -103,6 +104,7 @@ section() {
           && compare smollm2-seeds 13-smollm2-seeds "${model[@]}" "${cases[@]}" --seeds 0,1,2 \
              --one-seed gptq-w2g128 --pareto "$results/13-smollm2-pareto.png" ;;  # W2: seed 0 (time)
     14) bench encoder_calibration.py 14-encoder ;;
+    15) bench recovery_low_bits.py 15-recovery-smollm2 ;;
   esac
 }
 

@@ -8,6 +8,7 @@ work. The plan then travels read-only through the run (driver.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -64,6 +65,7 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lo
                                 cfg.partition.experts_per_shard)
     check_stages(recipe.stages, partition)
     check_recover(recipe, partition)
+    check_awq(recipe, model_dir)
     calibration, recover_ids = read_data(recipe, model_dir, partition)
     partition, predicted = split_experts_to_fit(recipe, model_dir, partition, calibration)
     check_asymmetric(recipe, partition)
@@ -157,6 +159,20 @@ def check_asymmetric(recipe: Recipe, partition: Partition) -> None:
                 raise UserError(f"{where}: not supported with expert-split shards (partition.experts_per_shard)")
 
 
+def check_awq(recipe: Recipe, model_dir: Path) -> None:
+    """AWQ (awq.py) folds its scales into the norms and layers of the families it knows, for one stage."""
+    from orchestrator.awq import FAMILIES
+
+    stages = [s for s in recipe.stages if getattr(s.params, "awq", False)]
+    if len(stages) > 1:
+        raise UserError(f"key 'stages.{stages[1].index}.awq': only one stage may scale the inputs "
+                        f"(stage {stages[0].index} does already)")
+    family = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if stages and family not in FAMILIES:
+        raise UserError(f"key 'stages.{stages[0].index}.awq': AWQ folds its scales into the norms and layers of "
+                        f"the {', '.join(FAMILIES)} families; this model is {family!r}")
+
+
 def check_recover(recipe: Recipe, partition: Partition) -> None:
     """The recover stage distils a causal LM's Linear layers; say so before anything runs."""
     if not recipe.config.recover.enabled:
@@ -188,7 +204,7 @@ def read_data(recipe: Recipe, model_dir: Path, partition: Partition) -> tuple[Ca
     -> (calibration windows if a stage needs them, the recover stage's windows if enabled). The
     evaluation data is only checked here; the evaluation task reads it again in its own process."""
     cfg = recipe.config
-    needs_calibration = any(s.technique.needs_calibration for s in recipe.stages)
+    needs_calibration = any(s.needs_calibration for s in recipe.stages)
     measures_perplexity = partition.task == CAUSAL_LM and cfg.data.eval.enabled
     if partition.task != CAUSAL_LM and cfg.data.eval.enabled:
         eval_sentences(cfg.data.eval)

@@ -257,6 +257,11 @@ class Stage:
     targets: list[str]  # regexes searched in each Linear's full module name
     ignore: list[str]
 
+    @property
+    def needs_calibration(self) -> bool:
+        """The technique needs its layers' input Hessians, or the stage's AWQ search does (awq.py)."""
+        return self.technique.needs_calibration or getattr(self.params, "awq", False)
+
     def applies_to(self, module_name: str, router: bool = False) -> bool:
         """A target matches and no ignore does. A router (the weights that choose a token's experts) only
         when a target names it: a pattern that matches any name, as the default '.*' does, does not."""
@@ -276,8 +281,6 @@ class Recipe:
     @property
     def run_name(self) -> str:
         return self.config.output.name or f"{self.config.name}-{self.hash[:8]}"
-
-
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

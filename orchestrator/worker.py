@@ -19,6 +19,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from orchestrator.awq import awq_stage, scale_shard, scaled_input
 from orchestrator.capture import (BlockInputs, block_kind, build_blocks, capture_block_inputs,
                                   expert_outputs, recalibrate_experts, replay_of, run_blocks)
 from orchestrator.checkpoint import read_keys, write_tensors
@@ -140,6 +141,10 @@ def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[
 
     Each layer is compressed on `device` (its Hessian moved there too); what comes back is on the CPU."""
     start = time.perf_counter()
+    awq_stats = {}
+    if stage := awq_stage(stages):  # scaled input channels, folded into the norms and layers before them
+        tensors, scales, awq_stats = scale_shard(shard, tensors, stage, hessian_of)
+        hessian_of, cross_of = scaled_input(hessian_of, scales), scaled_input(cross_of, scales)
     out = dict(tensors)
     metrics, grids = [], {}
     for layer in shard.linears:
@@ -151,6 +156,8 @@ def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[
         W_hat, m, quant = compress_layer(W, layer.name, stages, None if H is None else H.to(device), original.dtype,
                                          layer.router, None if C is None else C.to(device))
         out[layer.weight_key] = (W_hat.T if layer.transposed else W_hat).to("cpu", original.dtype).contiguous()
+        if layer.name in awq_stats:
+            m.stats["awq"] = awq_stats[layer.name]
         metrics.append(m)
         if quant is not None:
             grids[layer.name] = dataclasses.replace(quant, scale=quant.scale.cpu(), zero=quant.zero.cpu())
@@ -234,7 +241,7 @@ class CompressionWorker:
         tensors = self.read(list(shard.tensor_keys))
         blocks = build_blocks(self.kind, shard, {**tensors, **self.context(shard, None)}).to(self.device)
         wanted = [layer for layer in shard.linears
-                  if any(s.technique.needs_calibration and s.applies_to(layer.name, layer.router) for s in stages)]
+                  if any(s.needs_calibration and s.applies_to(layer.name, layer.router) for s in stages)]
         inputs = BlockInputs(hidden, kwargs, masks)
         with expert_outputs(blocks, shard) as kept:
             outputs, hessians = run_blocks(blocks, inputs, shard, wanted, self.device, dense=dense)
@@ -292,7 +299,7 @@ class CompressionWorker:
         cpu = time.process_time()
         tensors, hessians, routing, (capture_s, capture_cpu_s) = self.calibrated.pop(
             shard.index, (None, None, {}, (0.0, 0.0)))
-        if tensors is None and any(s.technique.needs_calibration for s in stages):
+        if tensors is None and any(s.needs_calibration for s in stages):
             raise RuntimeError(f"shard {shard.index}: no calibration statistics on this worker (restarted?)")
         if tensors is None:
             tensors = self.read(list(shard.tensor_keys))

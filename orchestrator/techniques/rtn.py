@@ -31,10 +31,14 @@ class QuantizeParams:
     symmetric: bool = True
     scale_dtype: str = "auto"  # scales stored as: auto (the checkpoint's dtype), float32, bfloat16, float16
     observer: str = "minmax"  # each group's range: minmax (all of it) or mse (the clipping with least error)
+    awq: bool = False  # scale input channels by their activations first, folded into norms / layers (awq.py)
+    awq_points: int = 20  # AWQ's search: exponents 0, 1/points, ..., (points - 1)/points
 
     def __post_init__(self):
         check_scale_dtype(self.scale_dtype)
         check_observer(self.observer)
+        if not 1 <= self.awq_points <= 100:
+            raise ValueError(f"awq_points: must be an integer in 1..100, got {self.awq_points}")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits: must be an integer in 2..8, got {self.bits}")
         g = self.group_size
