@@ -23,18 +23,18 @@ DATA = ["data.calibration.num_samples=64", "data.calibration.seq_len=256", "data
 
 def recover_settings(steps: int) -> list[str]:
     """Short windows and small batches: a step of a 135M model and its teacher on one CPU core each."""
-    return ["recover.enabled=true", f"recover.steps={steps}", "recover.lr=0.00005", "recover.batch_size=2",
+    return ["recover.enabled=true", f"recover.steps={steps}", "recover.lr=0.0001", "recover.batch_size=2",
             "recover.seq_len=128", "recover.num_samples=256", "recover.zero_stage=2", "recover.workers=2",
             f"recover.checkpoint_every={max(1, steps // 4)}"]
 
 
-def row(bits: int, r: dict) -> list:
+def row(bits: int, group: int, r: dict) -> list:
     rec, q = r["recover"], r["quality"]
     dense, before, after = q["dense"]["perplexity"], rec["perplexity_before"], q["compressed"]["perplexity"]
     closed = (before - after) / (before - dense) if before != dense else None
     losses = rec["losses"]
     n = min(10, len(losses))
-    return [f"GPTQ W{bits} g64", fmt(dense, 3), f"{fmt(before, 3)} ({before - dense:+.3f})",
+    return [f"GPTQ W{bits} g{group}", fmt(dense, 3), f"{fmt(before, 3)} ({before - dense:+.3f})",
             f"**{fmt(after, 3)}** ({after - dense:+.3f})", fmt(closed and 100 * closed, 0) + "%",
             f"{sum(losses[:n]) / n:.3f} -> {sum(losses[-n:]) / n:.3f}", fmt(q.get("kl_nats"), 3),
             fmt(r["timing"]["phases"].get("compress"), 0), fmt(rec["seconds"], 0)]
@@ -54,7 +54,7 @@ def main() -> None:
         for bits in map(int, args.bits.split(",")):
             r = run_recipe(f"gptq-w{bits}g128", [f"model.path={model}", f"stages.0.group_size={group}", *data,
                                                   *recover_settings(steps)], work, f"gptq-w{bits}g{group}-recover")
-            rows.append(row(bits, r))
+            rows.append(row(bits, group, r))
             runs.append(brief(r))
         s = runs[0]["recover"]["settings"]
         header = ["case", "dense ppl", "before recovery (increase)", "after recovery (increase)", "gap closed",
