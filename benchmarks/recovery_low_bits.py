@@ -13,6 +13,8 @@ sections 11-13). results/15-recovery-smollm2.md/.json.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from common import SMOKE_MODEL, SMOKE_OVERRIDES, Bench, add_args, brief, fmt, run_recipe, table
 
@@ -44,6 +46,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", default="3,2", help="GPTQ bit widths (recipes gptq-w{b}g128 with groups of 64)")
     p.add_argument("--steps", type=int, default=100, help="recover steps (default: %(default)s)")
+    p.add_argument("--reuse", action="store_true",
+                   help="take a case's finished run folder (its report.json) instead of running it again")
     add_args(p, "15-recovery-smollm2")
     args = p.parse_args()
     work = args.work.resolve()
@@ -52,8 +56,14 @@ def main() -> None:
     rows, runs = [], []
     with Bench() as bench:
         for bits in map(int, args.bits.split(",")):
-            r = run_recipe(f"gptq-w{bits}g128", [f"model.path={model}", f"stages.0.group_size={group}", *data,
-                                                  *recover_settings(steps)], work, f"gptq-w{bits}g{group}-recover")
+            name = f"gptq-w{bits}g{group}-recover"
+            overrides = [f"model.path={model}", f"stages.0.group_size={group}", *data, *recover_settings(steps)]
+            report = work / name / "report.json"
+            if args.reuse and report.is_file():
+                print(f"[{name}] reusing {report}", file=sys.stderr)
+                r = json.loads(report.read_text())
+            else:
+                r = run_recipe(f"gptq-w{bits}g128", overrides, work, name)
             rows.append(row(bits, group, r))
             runs.append(brief(r))
         s = runs[0]["recover"]["settings"]
