@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,27 @@ def save_random_model(kind: str, dest: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     auto = AutoModel if kind == "bert" else AutoModelForCausalLM
     model = auto.from_config(config)
+    model.save_pretrained(dest)
+    return dest
+
+
+def save_random_norms_model(kind: str, dest: Path, tied: bool = False, hidden: int | None = None,
+                            kv_heads: int | None = None) -> Path:
+    """A random causal LM (seed 0) whose norm scales and biases are random too (zero or one at
+    initialisation, so a fold into them would go untested); optionally tied, of another hidden size, or
+    with another number of key/value heads."""
+    config = copy.deepcopy(CONFIGS[kind][0])
+    config.tie_word_embeddings = tied
+    config.hidden_size = hidden or config.hidden_size
+    config.num_key_value_heads = kv_heads or config.num_key_value_heads
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand_like(p) * 2 + 0.1)
+            elif name.endswith("bias"):
+                p.normal_()
     model.save_pretrained(dest)
     return dest
 

@@ -4,7 +4,6 @@ cannot fold into are refused before any work."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -18,7 +17,7 @@ from orchestrator.recipe import Stage
 from orchestrator.techniques import get_technique
 from orchestrator.techniques.rtn import QuantizeParams, rtn
 from tests.helpers import REPO, hashes, load_export, run_cli
-from tests.models import CONFIGS, save_random_model
+from tests.models import save_random_model, save_random_norms_model
 
 GRID = QuantizeParams(bits=3, group_size=32)
 
@@ -49,25 +48,9 @@ def test_the_searched_scale_lowers_the_output_error_and_alpha_0_is_no_scale():
     assert alpha0 == 0 and torch.equal(ones, torch.ones(128))
 
 
-def random_model(kind: str, dest, kv_heads: int):
-    """A random model whose norm scales and biases are random too."""
-    config = copy.deepcopy(CONFIGS[kind][0])
-    config.num_key_value_heads = kv_heads
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.rand_like(p) * 2 + 0.1)
-            elif name.endswith("bias"):  # initialised to 0: then dividing one by s would go untested
-                p.normal_()
-    model.save_pretrained(dest)
-    return dest
-
-
 @pytest.mark.parametrize("kind,kv_heads", [("llama", 2), ("qwen2", 4)])  # GQA: v -> o not folded; v_proj bias
 def test_the_folded_scales_leave_the_model_function_unchanged(tmp_path, kind, kv_heads):
-    src = random_model(kind, tmp_path / "src", kv_heads)
+    src = save_random_norms_model(kind, tmp_path / "src", kv_heads=kv_heads)
     dense = load_file(src / "model.safetensors")
     partition = partition_model(src, 1, False)
     stage = Stage(0, get_technique("rtn"), QuantizeParams(bits=3, group_size=32, awq=True), [".*"], [])

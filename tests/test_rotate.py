@@ -3,7 +3,6 @@ where it does not apply, and a run that compresses the rotated model but measure
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from orchestrator.errors import UserError
 from orchestrator.rotate import check_rotatable, rotate_checkpoint, rotation_matrix
 from tests.helpers import REPO, hashes, load_export, run_cli
-from tests.models import CONFIGS, save_random_model
+from tests.models import CONFIGS, save_random_model, save_random_norms_model
 
 
 @pytest.mark.parametrize("d", [64, 96, 576])
@@ -28,25 +27,9 @@ def test_the_rotation_is_orthogonal_and_spreads_a_channel(d):
     assert (one_hot @ Q).abs().max() < 0.5  # an outlier channel is spread over many
 
 
-def random_model(kind: str, dest, tied: bool = False, hidden: int | None = None):
-    """A random model whose norm scales are random too (so folding them is tested)."""
-    config = copy.deepcopy(CONFIGS[kind][0])
-    config.tie_word_embeddings = tied
-    if hidden:
-        config.hidden_size = hidden
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.rand_like(p) * 2 + 0.1)
-    model.save_pretrained(dest)
-    return dest
-
-
 @pytest.mark.parametrize("kind,tied,hidden", [("llama", False, None), ("qwen2", True, None), ("mistral", False, 96)])
 def test_the_rotated_checkpoint_computes_the_same_logits(tmp_path, kind, tied, hidden):
-    src = random_model(kind, tmp_path / "src", tied, hidden)
+    src = save_random_norms_model(kind, tmp_path / "src", tied, hidden)
     info = rotate_checkpoint(src, tmp_path / "rot", seed=0)
     dense, rotated = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (src, tmp_path / "rot"))
     assert type(rotated) is type(dense) and not rotated.config.tie_word_embeddings
