@@ -49,6 +49,7 @@ SCALE_GROUPS = (
     ("mlp.up_proj", ("mlp.down_proj",)),
     ("self_attn.v_proj", ("self_attn.o_proj",)),
 )
+READERS = tuple(r for _, readers in SCALE_GROUPS for r in readers)
 MIN_SCALE = 1e-4  # of a channel's scale before normalisation, relative to the largest (a channel never seen)
 
 
@@ -112,15 +113,12 @@ def scale_shard(shard: Shard, tensors: dict[str, torch.Tensor], stage: Stage, he
 
 def block_prefixes(shard: Shard) -> list[str]:
     """'model.layers.3.' for each block of the shard, in order (from its layers' names)."""
-    prefixes = []
+    prefixes: dict[str, None] = {}  # ordered set
     for layer in shard.linears:
-        for _, readers in SCALE_GROUPS:
-            for local in readers:
-                if layer.name.endswith("." + local):
-                    prefix = layer.name[: -len(local)]
-                    if prefix not in prefixes:
-                        prefixes.append(prefix)
-    return prefixes
+        local = next((r for r in READERS if layer.name.endswith("." + r)), None)
+        if local:
+            prefixes.setdefault(layer.name[: -len(local)])
+    return list(prefixes)
 
 
 def scaled_input(statistic_of, scales: dict[str, torch.Tensor]):

@@ -167,7 +167,7 @@ def check_awq(recipe: Recipe, model_dir: Path) -> None:
     if len(stages) > 1:
         raise UserError(f"key 'stages.{stages[1].index}.awq': only one stage may scale the inputs "
                         f"(stage {stages[0].index} does already)")
-    family = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    family = json.loads((model_dir / "config.json").read_text()).get("model_type") if stages else None
     if stages and family not in FAMILIES:
         raise UserError(f"key 'stages.{stages[0].index}.awq': AWQ folds its scales into the norms and layers of "
                         f"the {', '.join(FAMILIES)} families; this model is {family!r}")

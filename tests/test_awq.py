@@ -123,3 +123,17 @@ def test_the_layers_reading_a_scaled_input_get_its_hessian():
     H = scaled_input(lambda name: hessian(X), {"q": s})
     assert torch.allclose(H("q"), hessian(X / s), rtol=1e-4, atol=1e-4)
     assert torch.equal(H("other"), hessian(X))  # a layer whose input was not scaled
+
+
+def test_two_stages_with_awq_exit_2(tmp_path):
+    recipe = (REPO / "recipes" / "rtn-w4g128-awq.yaml").read_text().replace("cluster:", """  - method: rtn
+    bits: 8
+    group_size: 128
+    awq: true
+cluster:""")
+    path = tmp_path / "two.yaml"
+    path.write_text(recipe)
+    proc = run_cli("run", str(path), f"output.dir={tmp_path / 'runs'}", "tracking.enabled=false", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "stages.1.awq" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
