@@ -27,6 +27,7 @@ NEW = ["stages.0.act_order=true", "stages.0.observer=mse"]  # its defaults since
 PARALLEL, SEQUENTIAL = ["partition.calibration=parallel"], ["partition.calibration=sequential"]
 ROTATED = ["rotation.enabled=true"]
 AWQ = ["stages.0.awq=true"]
+ZERO_POINT = ["stages.0.symmetric=false"]  # an asymmetric grid: a zero point per group
 VARIANTS = [  # (id, name, recipe with {bits}, overrides, calibrated)
     ("rtn", "RTN", "rtn-w{bits}g128", ["stages.0.observer=minmax"], False),
     ("rtn-mse", "RTN + MSE grid", "rtn-w{bits}g128", ["stages.0.observer=mse"], False),
@@ -47,6 +48,13 @@ VARIANTS = [  # (id, name, recipe with {bits}, overrides, calibrated)
     ("gptq-ao-mse-awq", "GPTQ + act-order + MSE grid + AWQ", "gptq-w{bits}g128", NEW + PARALLEL + AWQ, True),
     ("rtn-rot", "RTN + rotation", "rtn-w{bits}g128", ["stages.0.observer=minmax"] + ROTATED, False),
     ("gptq-ao-mse-rot", "GPTQ + act-order + MSE grid + rotation", "gptq-w{bits}g128", NEW + PARALLEL + ROTATED,
+     True),
+    ("gptq-ao-mse-zp", "GPTQ + act-order + MSE grid with zero points", "gptq-w{bits}g128", NEW + PARALLEL + ZERO_POINT,
+     True),
+    ("gptq-ao-mse-zp-rot", "GPTQ + act-order + MSE grid with zero points + rotation", "gptq-w{bits}g128",
+     NEW + PARALLEL + ZERO_POINT + ROTATED, True),
+    ("gptq-ao-mse-zp-rot-seq-asym", "GPTQ + act-order + MSE grid with zero points + rotation + sequential + "
+     "asymmetric (0.25)", "gptq-w{bits}g128", NEW + SEQUENTIAL + ZERO_POINT + ROTATED + ["stages.0.asymmetric=0.25"],
      True),
 ]
 

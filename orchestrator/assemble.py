@@ -154,7 +154,7 @@ def finish_export_folder(plan, compressed: Compressed) -> dict:
 def write_recovered_checkpoint(compressed: Compressed, recovered: dict[str, torch.Tensor],
                                grids: dict[str, torch.Tensor], out: Path) -> None:
     """The two checkpoints again with the recovered weights, file for file: out/evaluated (on the grid,
-    dense dtype) and out/model (packed with the unchanged scales and zeros)."""
+    dense dtype) and out/model (packed with the scales and zeros in `grids`: the export's, or trained ones)."""
     from safetensors.torch import load_file
 
     from orchestrator.export import pack_shard

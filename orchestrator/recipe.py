@@ -145,6 +145,9 @@ class RotationConfig:
     seed: int = 0
 
 
+RECOVER_TRAINS = ("weights", "scales")
+
+
 @dataclass
 class RecoverConfig:
     """The recover stage: distillation of the compressed model against the dense one (recover.py)."""
@@ -160,6 +163,7 @@ class RecoverConfig:
     workers: int = 2  # Ray Train workers, one process each
     cpus_per_worker: float = 1.0
     hidden_mse: float = 0.0  # weight of the last-hidden-state MSE term (0: KL only)
+    train: str = "weights"  # weights: latent weights on the fixed grid (STE); scales: the scales, integers fixed
     checkpoint_every: int = 25  # steps between Ray Train checkpoints (a restarted worker resumes there)
     max_failures: int = 2  # worker-group restarts Ray Train may make
 
@@ -174,6 +178,7 @@ class RecoverConfig:
                 (self.workers >= 1, "workers", "must be >= 1"),
                 (self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0"),
                 (self.hidden_mse >= 0, "hidden_mse", "must be >= 0"),
+                (self.train in RECOVER_TRAINS, "train", f"must be one of {', '.join(RECOVER_TRAINS)}"),
                 (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
                 (self.max_failures >= 0, "max_failures", "must be >= 0"))
 

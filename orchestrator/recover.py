@@ -1,17 +1,25 @@
 """Recovery: distillation fine-tuning of the compressed model against the dense one, with DeepSpeed's ZeRO
 engine inside Ray Train workers (TorchTrainer: one process per worker, gloo on CPU, NCCL on GPU).
 
-Student: the compressed model as the run evaluates it. Only its compressed Linear weights train, as latent
-float32 weights W seen in the forward pass as
+Student: the compressed model as the run evaluates it. What trains is `recover.train`:
 
-    W_eff = mask * grid(W),   grid(W) = (clamp(round(W / s) + z, qmin, qmax) - z) * s
+- "weights": the compressed Linear weights, as latent float32 weights W seen in the forward pass as
 
-with each layer's own scales s and zeros z, fixed (so the export's scales stay valid), and mask the
-layer's nonzero pattern after pruning, fixed (pruned layers only). The rounding's gradient passes
-straight through (STE). Teacher: the dense model, frozen. Loss: KL(p_teacher || p_student) of the
-next-token distributions, mean per token, plus `hidden_mse` x the MSE of the last hidden states.
-Afterwards every trained weight is put back on its grid, mask applied: what is exported is exactly
-what the student computed with.
+      W_eff = mask * grid(W),   grid(W) = (clamp(round(W / s) + z, qmin, qmax) - z) * s
+
+  with each layer's own scales s and zeros z fixed, and mask the layer's nonzero pattern after pruning,
+  fixed (pruned layers only). The rounding's gradient passes straight through (STE).
+- "scales": each group's scale s of the quantized layers, the integers fixed (EfficientQAT's E2E-QP):
+
+      W_eff = mask * (q - z) * s
+
+  a smooth function of s, with no rounding in the way; the export keeps its integers and stores the
+  trained scales. Pruned-only layers stay as they are.
+
+Teacher: the dense model, frozen. Loss: KL(p_teacher || p_student) of the next-token distributions, mean
+per token, plus `hidden_mse` x the MSE of the last hidden states. Afterwards every trained layer is put
+back on its grid (scales rounded to the dtype the export stores them in), mask applied: what is exported
+is exactly what the student computed with.
 
 Ray Train checkpoints hold DeepSpeed's own checkpoint (torch.save files). They are read back with
 torch.load(weights_only=True): tensors, containers and the three small records DeepSpeed stores
@@ -64,37 +72,62 @@ class _RoundSTE(torch.autograd.Function):
 
 
 class GridLinear(nn.Module):
-    """A Linear whose latent weight [out, in] is seen on its quantization grid and under its mask."""
+    """A Linear [out, in] seen on its quantization grid and under its mask, training its latent weight
+    (train="weights") or its scales (train="scales"; a layer without a grid then trains nothing)."""
 
     def __init__(self, linear: nn.Linear, layer: TrainedLayer, scale: torch.Tensor | None,
-                 zero: torch.Tensor | None):
+                 zero: torch.Tensor | None, train: str = "weights"):
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().float().clone())
+        W = linear.weight.detach().float().clone()  # [out, in], on the grid
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
                                                                   requires_grad=False)
-        self.bits, self.group_size = layer.bits, layer.group_size
-        self.register_buffer("mask", (self.weight != 0) if layer.pruned else None)
-        self.register_buffer("scale", scale)  # [out, in / group_size] float32
+        self.bits, self.group_size, self.shape = layer.bits, layer.group_size, W.shape
+        self.register_buffer("mask", (W != 0) if layer.pruned else None)
         self.register_buffer("zero", zero)  # [out, in / group_size] float32 (integers)
-
-    def effective(self, weight: torch.Tensor) -> torch.Tensor:
-        W = weight
-        if self.bits is not None:
+        self.scale_dtype = None if scale is None else scale.dtype  # what the export stores
+        scale = None if scale is None else scale.float()  # [out, in / group_size]
+        if train == "scales" and self.bits is not None:
             qmin, qmax = int_range(self.bits)
-            out_features, in_features = W.shape
-            groups = W.reshape(out_features, in_features // self.group_size, self.group_size)
+            q = torch.clamp(torch.round(self._groups(W) / scale.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
+            self.register_buffer("codes", q - zero.unsqueeze(-1))  # [out, in / group_size, group_size], fixed
+            self.scale = nn.Parameter(scale)
+        else:
+            self.codes = None
+            self.weight = nn.Parameter(W, requires_grad=train == "weights")
+            self.register_buffer("scale", scale)
+
+    def _groups(self, W: torch.Tensor) -> torch.Tensor:
+        """[out, in] -> [out, in / group_size, group_size]."""
+        return W.reshape(self.shape[0], self.shape[1] // self.group_size, self.group_size)
+
+    def effective(self) -> torch.Tensor:
+        """The weight the layer computes with, [out, in]."""
+        if self.codes is not None:
+            W = (self.codes * self.scale.unsqueeze(-1)).reshape(self.shape)
+        elif self.bits is not None:
+            qmin, qmax = int_range(self.bits)
             s, z = self.scale.unsqueeze(-1), self.zero.unsqueeze(-1)
-            q = torch.clamp(_RoundSTE.apply(groups / s) + z, qmin, qmax)
-            W = ((q - z) * s).reshape(out_features, in_features)
+            q = torch.clamp(_RoundSTE.apply(self._groups(self.weight) / s) + z, qmin, qmax)
+            W = ((q - z) * s).reshape(self.shape)
+        else:
+            W = self.weight
         return W * self.mask if self.mask is not None else W
 
+    def round_scales(self) -> None:
+        """Trained scales onto the dtype the export stores them in (kept positive)."""
+        if self.codes is not None:
+            with torch.no_grad():
+                tiny = torch.finfo(self.scale_dtype).tiny
+                self.scale.copy_(self.scale.clamp(min=tiny).to(self.scale_dtype).float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective(self.weight), self.bias)
+        return F.linear(x, self.effective(), self.bias)
 
 
 def read_grids(export_dir: Path, index: dict[str, str], layers: list[TrainedLayer]) -> dict[str, torch.Tensor]:
     """Each quantized layer's scales (and zero points) from the packed export, whose files `index` maps
-    each key to: {module.scale, module.zero}, [out, in / group_size] float32."""
+    each key to: {module.scale: [out, in / group_size] in the dtype the export stores, module.zero: the same
+    shape, float32}."""
     grids, files = {}, {}
     for layer in layers:
         if layer.bits is None:
@@ -102,19 +135,21 @@ def read_grids(export_dir: Path, index: dict[str, str], layers: list[TrainedLaye
         prefix = layer.weight_key.removesuffix(".weight")
         fname = index[f"{prefix}.weight_scale"]
         tensors = files.setdefault(fname, load_file(export_dir / fname))
-        scale = tensors[f"{prefix}.weight_scale"].float()
+        scale = tensors[f"{prefix}.weight_scale"]
         zero = tensors.get(f"{prefix}.weight_zero_point")
         grids[f"{layer.module}.scale"] = scale.contiguous()
-        grids[f"{layer.module}.zero"] = (torch.zeros_like(scale) if zero is None else zero.float()).contiguous()
+        grids[f"{layer.module}.zero"] = (torch.zeros_like(scale, dtype=torch.float32) if zero is None
+                                         else zero.float()).contiguous()
     return grids
 
 
-def swap_in_grid_linears(model: nn.Module, layers: list[TrainedLayer], grids: dict[str, torch.Tensor]) -> None:
+def swap_in_grid_linears(model: nn.Module, layers: list[TrainedLayer], grids: dict[str, torch.Tensor],
+                         train: str) -> None:
     for layer in layers:
         parent_name, _, child = layer.module.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, GridLinear(getattr(parent, child), layer, grids.get(f"{layer.module}.scale"),
-                                          grids.get(f"{layer.module}.zero")))
+                                          grids.get(f"{layer.module}.zero"), train))
 
 
 def distillation_loss(teacher_out, student_out, hidden_mse: float) -> torch.Tensor:
@@ -171,8 +206,8 @@ def build_engine(cfg: RecoverConfig, config: dict, layers: list[TrainedLayer], w
     teacher.requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(config["student"], dtype=torch.float32)
     student.requires_grad_(False)
-    swap_in_grid_linears(student, layers, load_file(config["grids"]))
-    trainable = [p for n, p in student.named_parameters() if n.endswith(".weight") and p.requires_grad]
+    swap_in_grid_linears(student, layers, load_file(config["grids"]), cfg.train)
+    trainable = [p for p in student.parameters() if p.requires_grad]  # what GridLinear trains
     if cfg.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -238,23 +273,30 @@ def train_loop(config: dict) -> None:
 
 
 def save_trained_weights(engine, layers: list[TrainedLayer], out: str, rank: int, zero_stage: int) -> None:
-    """Rank 0 writes every trained weight back on its grid, under its mask: {weight_key: [out, in] float32}."""
+    """Rank 0 writes every trained layer back on its grid, under its mask: {weight_key: [out, in] float32}, and
+    with trained scales also {module.scale: [out, in / group_size], in the dtype the export stores}."""
     import deepspeed
 
     modules = {layer.module: engine.module.get_submodule(layer.module) for layer in layers}
-    params = [m.weight for m in modules.values()]
+    params = [p for m in modules.values() for p in m.parameters()]
     gather = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else contextlib.nullcontext()
     with gather, torch.no_grad():
         if rank == 0:
-            tensors = {layer.weight_key: modules[layer.module].effective(modules[layer.module].weight).cpu().contiguous()
-                       for layer in layers}
+            tensors = {}
+            for layer in layers:
+                module = modules[layer.module]
+                module.round_scales()
+                tensors[layer.weight_key] = module.effective().cpu().contiguous()
+                if module.codes is not None:
+                    tensors[f"{layer.module}.scale"] = module.scale.to(module.scale_dtype).cpu().contiguous()
             with atomic_path(Path(out)) as tmp:
                 save_file(tensors, str(tmp))
 
 
 def train(cfg: RecoverConfig, teacher: Path, student: Path, grid_tensors: dict[str, torch.Tensor],
           layers: list[TrainedLayer], input_ids: torch.Tensor, work_dir: Path, seed: int) -> dict:
-    """Run the distillation on Ray Train; -> {"tensors": the recovered weights, "losses": per step, "seconds",
+    """Run the distillation on Ray Train; -> {"tensors": the recovered weights (and trained scales, as
+    save_trained_weights writes them), "losses": per step, "seconds",
     "nodes": each rank's Ray node id, "zero_stage": the ZeRO stage the engine ran, "start_steps": the step each
     worker group started training at ([0], or [0, 4] when a restarted group resumed from step 4's checkpoint)}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

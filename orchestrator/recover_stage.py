@@ -55,7 +55,8 @@ def recover_stage(plan, compressed: Compressed) -> dict:
         grids = recover.read_grids(compressed.export.folder, compressed.export.weight_map, layers)
         result = recover.train(cfg.recover, plan.model_dir, compressed.evaluated.folder, grids, layers,
                                plan.recover_ids, out / "work", cfg.seed)
-        write_recovered_checkpoint(compressed, result["tensors"], grids, out)
+        trained_scales = {k: t for k, t in result["tensors"].items() if k in grids}  # recover.train=scales
+        write_recovered_checkpoint(compressed, result["tensors"], {**grids, **trained_scales}, out)
         commit = {"settings": settings, "perplexity_before": before, "layers": len(layers),
                   **{k: result[k] for k in ("losses", "seconds", "nodes", "zero_stage", "start_steps")}}
         files = [out / sub / f for sub in ("evaluated", "model")

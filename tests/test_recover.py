@@ -34,24 +34,73 @@ def test_grid_linear_sees_its_grid_and_mask_and_passes_gradients_straight_throug
     scale = torch.full((3, 2), 0.05)
     layer = GridLinear(linear, TrainedLayer("l", "l.weight", bits=4, group_size=4, pruned=True), scale,
                        torch.zeros(3, 2))
-    W = layer.effective(layer.weight)
+    W = layer.effective()
     assert torch.all(W[:, ::2] == 0)  # the mask holds
     q = W / 0.05
     assert torch.equal(q, q.round()) and q.min() >= int_range(4)[0] and q.max() <= int_range(4)[1]
     layer(torch.randn(5, 8)).sum().backward()
     grad = layer.weight.grad
     assert torch.all(grad[:, ::2] == 0) and torch.all(grad[:, 1::2] != 0)  # STE: rounding does not block
+    assert not layer.scale.requires_grad
+
+
+def test_grid_linear_training_scales_keeps_its_integers_and_moves_only_its_scales():
+    torch.manual_seed(0)
+    scale, zero = torch.full((3, 2), 0.05, dtype=torch.bfloat16), torch.tensor([[0.0, 1.0]] * 3)
+    linear = torch.nn.Linear(8, 3, bias=False)
+    with torch.no_grad():  # on the grid (q - z) * s, with q - z in the 4-bit range
+        codes = torch.randint(-7, 7, (3, 8)).float()
+        linear.weight.copy_(codes * scale.float()[:, :1])
+    layer = GridLinear(linear, TrainedLayer("l", "l.weight", bits=4, group_size=4, pruned=False), scale, zero,
+                       train="scales")
+    assert torch.equal(layer.effective(), linear.weight.detach())  # starts where the compressed model is
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["scale"]
+    layer(torch.randn(5, 8)).square().sum().backward()
+    assert layer.scale.grad.shape == (3, 2) and torch.all(layer.scale.grad != 0)
+    with torch.no_grad():
+        layer.scale.mul_(torch.linspace(0.9, 1.1, 6).view(3, 2)).add_(1e-4)  # a step of training
+    layer.round_scales()
+    assert torch.equal(layer.scale, layer.scale.bfloat16().float())  # as the export will store it
+    W = layer.effective().reshape(3, 2, 4)
+    assert torch.equal(W, codes.reshape(3, 2, 4) * layer.scale.detach().unsqueeze(-1))  # same integers, new scales
+
+
+def test_training_scales_fits_the_dense_layer_better_than_the_rounded_scales():
+    """The mechanism recovery relies on: scales trained on a layer's outputs, integers fixed, bring the
+    outputs closer to the dense layer's than the grid's own (min-max) scales did."""
+    from orchestrator.techniques.grid import fit_qparams, group_view, quantize, dequantize
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 16, bias=False)
+    scale, zero = fit_qparams(group_view(dense.weight.detach(), 16), bits=2, symmetric=False)
+    Wg = group_view(dense.weight.detach(), 16)
+    rounded = torch.nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        rounded.weight.copy_(dequantize(quantize(Wg, scale[..., None], zero[..., None], 2), scale[..., None],
+                                        zero[..., None]).reshape(16, 64))
+    layer = GridLinear(rounded, TrainedLayer("l", "l.weight", bits=2, group_size=16, pruned=False), scale,
+                       zero.float(), train="scales")
+    x = torch.randn(256, 64)
+    error = lambda: (layer(x) - dense(x)).square().mean().item()  # noqa: E731
+    before = error()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    for _ in range(100):
+        optimizer.zero_grad()
+        (layer(x) - dense(x).detach()).square().mean().backward()
+        optimizer.step()
+    assert error() < 0.95 * before  # a least-squares fit of 4 scales per row to fixed 2-bit codes gains ~8%
 
 
 @pytest.fixture(scope="module")
 def runs(micro_lm, tmp_path_factory):
-    """One compression without recovery, and recoveries with ZeRO 1, 2, 3 (and 2 again)."""
+    """One compression without recovery, recoveries with ZeRO 1, 2, 3 (and 2 again), and one training scales."""
     out = tmp_path_factory.mktemp("recover")
     base = [RECIPE, f"model.path={micro_lm}", f"output.dir={out}", *SHORT]
     assert main(["run", *base, "output.name=plain", "recover.enabled=false"]) == 0
     for name, stage in (("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero2-again", 2)):
         tracked = [f"tracking.uri=sqlite:///{out}/mlflow.db", "tracking.enabled=true"] if name == "zero2" else []
         assert main(["run", *base, f"output.name={name}", f"recover.zero_stage={stage}", *tracked]) == 0, name
+    assert main(["run", *base, "output.name=scales", "recover.train=scales", "recover.lr=0.001"]) == 0
     return out
 
 
@@ -73,15 +122,33 @@ def test_zero_stages_optimise_the_same_thing(runs):
 
 
 @pytest.mark.slow
+def test_training_scales_exports_the_same_integers_with_new_scales(runs):
+    def tensors(name):
+        files = sorted((runs / name / "model").glob("*.safetensors"))
+        return {k: t for f in files for k, t in load_file(f).items()}
+
+    plain, scales = tensors("plain"), tensors("scales")
+    assert plain.keys() == scales.keys()
+    packed = [k for k in plain if k.endswith("weight_packed")]
+    assert packed and all(torch.equal(plain[k], scales[k]) for k in packed)  # the integers are the export's
+    moved = [k for k in plain if k.endswith("weight_scale") and not torch.equal(plain[k], scales[k])]
+    assert len(moved) == len(packed)  # every quantized layer's scales trained
+    rec = report(runs, "scales")["recover"]
+    assert rec["settings"]["train"] == "scales" and len(rec["losses"]) == 4
+    model = load_export(runs / "scales" / "model")  # transformers loads it with the trained scales
+    assert model(input_ids=torch.ones(1, 8, dtype=torch.long)).logits.isfinite().all()
+
+
+@pytest.mark.slow
 def test_recovery_keeps_every_pruned_weight_zero_and_every_2of4_group_valid(runs):
     def block_weights(name):
         model = load_export(runs / name / "model")
         return {n: m.weight.detach() for n, m in model.named_modules()
                 if isinstance(m, torch.nn.Linear) and ".layers." in n}
 
-    plain, recovered = block_weights("plain"), block_weights("zero2")
+    plain = block_weights("plain")
     changed = 0
-    for key, W in recovered.items():
+    for key, W in [*block_weights("zero2").items(), *block_weights("scales").items()]:
         before = plain[key]
         assert torch.all(W[before == 0] == 0), key  # masks exactly preserved
         groups = (W.reshape(W.shape[0], -1, 4) != 0).sum(-1)
