@@ -22,8 +22,11 @@ import sys
 
 from common import SMOKE_MODEL, Bench, add_args, brief, fmt, resolve_model, run_recipe, table
 
-OLD = ["stages.0.act_order=false", "stages.0.observer=minmax"]  # GPTQ's settings before issue 17
-NEW = ["stages.0.act_order=true", "stages.0.observer=mse"]  # its defaults since
+# every GPTQ variant starts from a symmetric grid without asymmetric calibration, whatever its recipe says
+# (gptq-w2g128 sets both since issue 17), and adds what its name says
+PLAIN = ["stages.0.symmetric=true", "stages.0.asymmetric=0.0"]
+OLD = PLAIN + ["stages.0.act_order=false", "stages.0.observer=minmax"]  # GPTQ's settings before issue 17
+NEW = PLAIN + ["stages.0.act_order=true", "stages.0.observer=mse"]  # its W4 / W3 defaults since
 PARALLEL, SEQUENTIAL = ["partition.calibration=parallel"], ["partition.calibration=sequential"]
 ROTATED = ["rotation.enabled=true"]
 AWQ = ["stages.0.awq=true"]
@@ -34,10 +37,10 @@ VARIANTS = [  # (id, name, recipe with {bits}, overrides, calibrated)
     ("gptq-old", "GPTQ (act-order off, min-max grid, parallel: defaults before issue 17)", "gptq-w{bits}g128",
      OLD + PARALLEL, True),
     ("gptq-ao", "GPTQ + act-order", "gptq-w{bits}g128",
-     ["stages.0.act_order=true", "stages.0.observer=minmax"] + PARALLEL, True),
-    ("gptq-ao-mse", "GPTQ + act-order + MSE grid (the defaults now)", "gptq-w{bits}g128", NEW + PARALLEL, True),
+     PLAIN + ["stages.0.act_order=true", "stages.0.observer=minmax"] + PARALLEL, True),
+    ("gptq-ao-mse", "GPTQ + act-order + MSE grid (the W4 / W3 defaults now)", "gptq-w{bits}g128", NEW + PARALLEL, True),
     ("gptq-ao-seq", "GPTQ + act-order + sequential", "gptq-w{bits}g128",
-     ["stages.0.act_order=true", "stages.0.observer=minmax"] + SEQUENTIAL, True),
+     PLAIN + ["stages.0.act_order=true", "stages.0.observer=minmax"] + SEQUENTIAL, True),
     ("gptq-ao-mse-seq", "GPTQ + act-order + MSE grid + sequential", "gptq-w{bits}g128", NEW + SEQUENTIAL, True),
     ("gptq-ao-mse-seq-asym", "GPTQ + act-order + MSE grid + sequential + asymmetric (0.25)", "gptq-w{bits}g128",
      NEW + SEQUENTIAL + ["stages.0.asymmetric=0.25"], True),
@@ -53,6 +56,10 @@ VARIANTS = [  # (id, name, recipe with {bits}, overrides, calibrated)
      True),
     ("gptq-ao-mse-zp-rot", "GPTQ + act-order + MSE grid with zero points + rotation", "gptq-w{bits}g128",
      NEW + PARALLEL + ZERO_POINT + ROTATED, True),
+    ("gptq-ao-mse-zp-seq", "GPTQ + act-order + MSE grid with zero points + sequential", "gptq-w{bits}g128",
+     NEW + SEQUENTIAL + ZERO_POINT, True),
+    ("gptq-ao-mse-zp-seq-asym", "GPTQ + act-order + MSE grid with zero points + sequential + asymmetric (0.25)",
+     "gptq-w{bits}g128", NEW + SEQUENTIAL + ZERO_POINT + ["stages.0.asymmetric=0.25"], True),
     ("gptq-ao-mse-zp-rot-seq-asym", "GPTQ + act-order + MSE grid with zero points + rotation + sequential + "
      "asymmetric (0.25)", "gptq-w{bits}g128", NEW + SEQUENTIAL + ZERO_POINT + ROTATED + ["stages.0.asymmetric=0.25"],
      True),
