@@ -22,12 +22,14 @@
 #  10 a mixture-of-experts model         compare_llmcompressor.py (random Mixtral >= 1 GB, 8 experts, GPTQ W4);
 #                                       moe_plan.py (the planner's expert split, predicted vs measured peak)
 #  11 a real pretrained model (SmolLM2)  compare_llmcompressor.py (groups of 64, the peer at its defaults)
-#  12 ablation on SmolLM2               ablation.py (each quality option alone, W4 and W3 g64, 3 seeds)
+#  12 ablation on SmolLM2               ablation.py (each quality option alone, W4 and W3 g64, 3 seeds; the
+#                                       options at W2, seed 0)
 #  13 quality per bit, 3 seeds          compare_llmcompressor.py --seeds (tiny-lm, then SmolLM2: RTN and
-#                                       GPTQ W4 / W3 / W2 g64, the peer at its defaults, W2 on SmolLM2 at
-#                                       seed 0 only; Pareto plot PNG)
+#                                       GPTQ W4 / W3 g64, then GPTQ W2 g64 at its recipe's settings, the
+#                                       peer at its defaults; Pareto plot PNG)
 #  14 an encoder on sentences            encoder_calibration.py (MiniLM GPTQ W4 / W3: windows vs sentences)
-#  15 recovery at low bits on SmolLM2    recovery_low_bits.py (GPTQ W3 / W2 g64, then the recover stage)
+#  15 recovery at low bits on SmolLM2    recovery_low_bits.py (GPTQ W3 / W2 g64, then the recover stage
+#                                       training the weights; W2 again training the scales)
 #
 # --smoke: every script end to end on the micro reference model with a few
 # short windows (and a tiny random Llama where a section builds one), into
@@ -94,17 +96,27 @@ section() {
     12) model=(--model reference:smollm2 --group-size 64 --calib-samples 64 --calib-seq-len 256 --eval-seq-len 256
                --eval-max-windows 64)
         [ ${#smoke[@]} -eq 0 ] || model=()
-        bench ablation.py 12-ablation "${model[@]}" ;;
-    13) cases=(--cases rtn-w4g128,gptq-w4g128,rtn-w3g128,gptq-w3g128,gptq-w2g128 --group-size 64 --peer-defaults)
+        bench ablation.py 12-ablation "${model[@]}" \
+          && bench ablation.py 12-ablation-w2 "${model[@]}" --bits 2 --seeds 0 --table 12-ablation-smollm2-w2 \
+               --only gptq-ao-mse-rot gptq-ao-mse-zp gptq-ao-mse-zp-rot gptq-ao-mse-zp-rot-seq-asym \
+          && bench ablation.py 12-ablation-w2 "${model[@]}" --bits 2 --seeds 0 --table 12-ablation-smollm2-w2-more \
+               --only gptq-ao-mse-zp-seq gptq-ao-mse-zp-seq-asym ;;
+    13) cases=(--cases rtn-w4g128,gptq-w4g128,rtn-w3g128,gptq-w3g128 --group-size 64 --peer-defaults)
         model=(--model reference:smollm2 --calib-samples 64 --calib-seq-len 256 --eval-seq-len 256
                --eval-max-windows 64)
         [ ${#smoke[@]} -eq 0 ] || { cases=(--cases gptq-w4g128 --group-size 64); model=(); }
         peer && compare tiny-lm-seeds 13-tiny-lm-seeds "${cases[@]}" --seeds 0,1,2 \
              --pareto "$results/13-tiny-lm-pareto.png" \
           && compare smollm2-seeds 13-smollm2-seeds "${model[@]}" "${cases[@]}" --seeds 0,1,2 \
-             --one-seed gptq-w2g128 --pareto "$results/13-smollm2-pareto.png" ;;  # W2: seed 0 (time)
+             --pareto "$results/13-smollm2-pareto.png" \
+          && { [ ${#smoke[@]} -gt 0 ] || {  # W2 at its own recipe's settings (sequential, asymmetric)
+               compare tiny-lm-w2 13-tiny-lm-w2 --cases gptq-w2g128 --group-size 64 --peer-defaults --seeds 0,1,2 \
+               && compare smollm2-w2 13-smollm2-w2 "${model[@]}" --cases gptq-w2g128 --group-size 64 \
+                    --peer-defaults --seeds 0,1,2; }; } ;;
     14) bench encoder_calibration.py 14-encoder ;;
-    15) bench recovery_low_bits.py 15-recovery-smollm2 ;;
+    15) bench recovery_low_bits.py 15-recovery-smollm2 \
+          && bench recovery_low_bits.py 15-recovery-w2-scales --bits 2 --train scales --lr 0.0001 \
+               --table 15-recovery-smollm2-w2-scales ;;
   esac
 }
 
