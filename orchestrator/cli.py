@@ -274,7 +274,7 @@ def cmd_plan(args) -> int:
     from orchestrator.plan import make_plan
     from orchestrator.planner import forecast_table
 
-    plan = make_plan(recipe, overwrite=True, progress=True)  # refuses (exit 2) what cannot fit
+    plan = make_plan(recipe, overwrite=True, progress=True, need_weights=False)  # refuses (exit 2) what cannot fit
     print(forecast_table(plan.forecast, plan))
     return 0
 

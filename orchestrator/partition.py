@@ -7,6 +7,8 @@ what the stages compress. Everything else (embeddings, final norm, head) stays
 apart and is copied through unchanged. Names are read through transformers'
 conversion mapping (experts.py), so checkpoints whose tensor names differ from
 the module tree (one tensor per expert on disk, fused in memory) plan the same.
+A folder with config.json alone (no weights) can be planned too: the checkpoint
+save_pretrained would write is counted from the skeleton (`config_checkpoint`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from orchestrator.experts import CheckpointLayout, ExpertSlice, check_supported,
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
+DEFAULT_DTYPE = torch.bfloat16  # a config.json that names no dtype: what large checkpoints are stored in
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,10 @@ class Partition:
     key_to_file: dict[str, str]  # checkpoint key -> safetensors file name
     num_params: int
     experts_per_shard: int | None = None  # mixture-of-experts blocks with more are split in shards of this many
+    # planned from config.json alone (a folder without weights): each checkpoint key's bytes (key_to_file is
+    # empty), and the dtype they were counted in, with where it came from
+    key_bytes: dict[str, int] | None = None
+    dtype: str | None = None  # e.g. "bfloat16 (config.json's dtype)"
 
     def parts_of(self, shard: Shard) -> list[Shard]:
         """The shards of an expert-split block, part 0 first; [shard] for a shard of whole blocks."""
@@ -155,6 +162,31 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def has_weights(model_dir: Path) -> bool:
+    """Whether the folder holds a safetensors checkpoint (whole or indexed), readable or not."""
+    return (model_dir / "model.safetensors.index.json").is_file() or (model_dir / "model.safetensors").is_file()
+
+
+def config_dtype(config: PretrainedConfig) -> tuple[torch.dtype, str]:
+    """The dtype a checkpoint of this config stores its weights in (config.json's `dtype` or `torch_dtype`,
+    else DEFAULT_DTYPE), and a description, e.g. "bfloat16 (config.json's dtype)"."""
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    named = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    dtype = dtype if named else DEFAULT_DTYPE
+    source = "config.json's dtype" if named else "config.json names no dtype: the default"
+    return dtype, f"{str(dtype).removeprefix('torch.')} ({source})"
+
+
+def config_checkpoint(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    """The checkpoint save_pretrained would write for this skeleton, without weights: key -> bytes, as on disk
+    (tied copies left out, fused experts one tensor per expert), floating-point tensors in `dtype`."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    state = {k: t for k, t in model.state_dict().items() if k not in tied}
+    return {k: t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+            for k, t in CheckpointLayout(model).to_checkpoint(state).items()}
+
+
 def checkpoint_files(model_dir: Path) -> dict[str, str]:
     """Checkpoint key -> file, from model.safetensors or its index."""
     index = model_dir / "model.safetensors.index.json"
@@ -169,7 +201,8 @@ def checkpoint_files(model_dir: Path) -> dict[str, str]:
         return dict(weight_map)
     single = model_dir / "model.safetensors"
     if not single.is_file():
-        raise UserError(f"model.path: {model_dir} has no model.safetensors (only safetensors checkpoints are read)")
+        raise UserError(f"model.path: {model_dir} has no model.safetensors: compressing needs the weights (only "
+                        "safetensors checkpoints are read; `orchestrator plan` forecasts from config.json alone)")
     try:
         with safe_open(single, framework="pt") as f:
             return {k: single.name for k in f.keys()}
@@ -186,18 +219,25 @@ def checkpoint_key(param_name: str, keys: dict[str, str], prefix: str) -> str | 
 
 
 def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: bool = False,
-                    experts_per_shard: int | None = None) -> Partition:
+                    experts_per_shard: int | None = None, need_weights: bool = True) -> Partition:
     """The model's blocks in shards of `blocks_per_shard`; with `experts_per_shard`, a block with more
-    experts than that is cut into parts of that many experts (and its shard's other blocks stand alone)."""
+    experts than that is cut into parts of that many experts (and its shard's other blocks stand alone).
+    need_weights False: a folder with config.json alone is planned from its config (Partition.key_bytes)."""
     config = load_config(model_dir, trust_remote_code)
-    key_to_file = checkpoint_files(model_dir)
     model = skeleton(config, trust_remote_code)
+    key_bytes = dtype = None
+    if need_weights or has_weights(model_dir):
+        key_to_file = checkpoint_files(model_dir)
+    else:
+        weights_dtype, dtype = config_dtype(config)
+        key_to_file, key_bytes = {}, config_checkpoint(model, weights_dtype)
+    stored = key_bytes if key_bytes is not None else key_to_file  # the checkpoint's keys
     block_prefix, blocks = find_blocks(model)
     prefix = getattr(model, "base_model_prefix", "")
     layout = CheckpointLayout(model)
 
     def key_of(name: str, required: bool = True) -> str | None:
-        key = checkpoint_key(name, key_to_file, prefix)
+        key = checkpoint_key(name, stored, prefix)
         if key is None and required:
             raise UserError(f"model.path: the checkpoint has no tensor for {name}")
         return key
@@ -217,7 +257,7 @@ def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: b
             continue
         for b in ids:  # each block a shard of its own; those with more experts than experts_per_shard cut
             shards += block_parts(len(shards), b, block_prefix, *layers[b], experts_per_shard)
-    rest = tuple(sorted(k for k in key_to_file if k not in block_keys))
+    rest = tuple(sorted(k for k in stored if k not in block_keys))
     return Partition(
         task=task_of(config),
         architecture=(config.architectures or [type(model).__name__])[0],
@@ -228,6 +268,8 @@ def partition_model(model_dir: Path, blocks_per_shard: int, trust_remote_code: b
         key_to_file=key_to_file,
         num_params=sum(p.numel() for p in model.parameters()),
         experts_per_shard=experts_per_shard,
+        key_bytes=key_bytes,
+        dtype=dtype,
     )
 
 

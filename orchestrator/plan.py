@@ -51,9 +51,11 @@ class Plan:
         return self.calibration is not None
 
 
-def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lock: bool = False) -> Plan:
+def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lock: bool = False,
+              need_weights: bool = True) -> Plan:
     """Every check of the run's input, before Ray starts. lock: hold the run folder against other runs
-    of the same name (RunLock) until `plan.lock.release()` or the process ends."""
+    of the same name (RunLock) until `plan.lock.release()` or the process ends. need_weights False
+    (`orchestrator plan`): a model folder with config.json alone is planned from it (partition.py)."""
     cfg = recipe.config
     t0 = time.perf_counter()
     model_dir = dense_dir = resolve_model_dir(cfg.model.path, progress)
@@ -62,12 +64,13 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lo
 
         model_dir = rotated_model(dense_dir, cfg.rotation.seed, progress)  # UserError for an unknown family
     partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code,
-                                cfg.partition.experts_per_shard)
+                                cfg.partition.experts_per_shard, need_weights)
     check_stages(recipe.stages, partition)
     check_recover(recipe, partition)
     check_awq(recipe, model_dir)
     calibration, recover_ids = read_data(recipe, model_dir, partition)
-    partition, predicted = split_experts_to_fit(recipe, model_dir, partition, calibration)
+    tokens = calibration_tokens(recipe, calibration)
+    partition, predicted = split_experts_to_fit(recipe, model_dir, partition, tokens)
     check_asymmetric(recipe, partition)
     run_dir = Path(cfg.output.dir).expanduser().resolve() / recipe.run_name
     overwrite = overwrite or cfg.output.overwrite
@@ -94,17 +97,18 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lo
 
 
 def split_experts_to_fit(recipe: Recipe, model_dir: Path, partition: Partition,
-                         calibration: Calibration | None) -> tuple[Partition, Forecast]:
+                         tokens: int | None) -> tuple[Partition, Forecast]:
     """The partition and its forecast. With `partition.experts_per_shard` unset and whole mixture-of-experts
     blocks too large for the memory (planner.fits), the experts are split: half a block's experts per shard,
     then a quarter, ..., the first split that fits (or the finest, which check_fits then refuses)."""
     cfg = recipe.config
-    predicted = forecast(recipe, model_dir, partition, calibration)
+    predicted = forecast(recipe, model_dir, partition, tokens)
     most = max((len({l.expert.expert for l in s.linears if l.expert}) for s in partition.shards), default=0)
     per_shard = most // 2
     while cfg.partition.experts_per_shard is None and not fits(predicted, recipe) and per_shard >= 1:
-        partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code, per_shard)
-        predicted = forecast(recipe, model_dir, partition, calibration)
+        partition = partition_model(model_dir, cfg.partition.blocks_per_shard, cfg.model.trust_remote_code, per_shard,
+                                    need_weights=partition.key_bytes is None)
+        predicted = forecast(recipe, model_dir, partition, tokens)
         log.info("whole blocks do not fit: %d experts per shard predicts a %s worker peak", per_shard,
                  f"{predicted.worker_bytes / 1e9:.2f} GB")
         per_shard //= 2
@@ -202,8 +206,12 @@ def recover_data(cfg) -> CalibrationDataConfig:
 def read_data(recipe: Recipe, model_dir: Path, partition: Partition) -> tuple[Calibration | None, torch.Tensor | None]:
     """The token windows the run needs, read now so that data problems surface before Ray starts:
     -> (calibration windows if a stage needs them, the recover stage's windows if enabled). The
-    evaluation data is only checked here; the evaluation task reads it again in its own process."""
+    evaluation data is only checked here; the evaluation task reads it again in its own process.
+    A folder planned from config.json alone reads no data (its tokenizer, if any, is not trusted: a
+    config-only Qwen folder loads an empty one); calibration_tokens counts the windows instead."""
     cfg = recipe.config
+    if partition.key_bytes is not None:
+        return None, None
     needs_calibration = any(s.needs_calibration for s in recipe.stages)
     measures_perplexity = partition.task == CAUSAL_LM and cfg.data.eval.enabled
     if partition.task != CAUSAL_LM and cfg.data.eval.enabled:
@@ -226,6 +234,16 @@ def read_data(recipe: Recipe, model_dir: Path, partition: Partition) -> tuple[Ca
         eval_windows(tokenizer, cfg.data.eval)
     recover_ids = calibration_windows(tokenizer, recover_data(cfg)).input_ids if cfg.recover.enabled else None
     return calibration, recover_ids
+
+
+def calibration_tokens(recipe: Recipe, calibration: Calibration | None) -> int | None:
+    """The calibration's token count for the forecast (None: no stage calibrates); without the windows (a
+    folder planned from config.json alone), data.calibration.num_samples x seq_len."""
+    if calibration is not None:
+        return int(calibration.input_ids.numel())
+    if any(s.needs_calibration for s in recipe.stages):
+        return recipe.config.data.calibration.num_samples * recipe.config.data.calibration.seq_len
+    return None
 
 
 def open_output(run_dir: Path, fingerprint: Fingerprint, overwrite: bool) -> ShardStore:

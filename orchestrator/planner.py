@@ -71,6 +71,7 @@ class Forecast:
     shards: list[ShardForecast]
     seconds: float  # estimated compression wall time
     gflops: float  # this machine's measured matmul throughput, one thread
+    tokens: int = 0  # the calibration tokens it counts
 
     def summary(self) -> dict:
         return {"base_bytes": self.base_bytes, "driver_bytes": self.driver_bytes, "worker_bytes": self.worker_bytes,
@@ -155,17 +156,18 @@ def routed_bytes(partition, shard: Shard, tokens: int, hidden: int, top_k: int) 
     return int(tokens * top_k * held / partition.parts_of(shard)[-1].experts[1] * hidden * FLOAT32)
 
 
-def forecast(recipe, model_dir, partition, calibration) -> Forecast:
-    """The memory and time a run of `recipe` on these shards will take (see the module docstring)."""
+def forecast(recipe, model_dir, partition, tokens: int | None) -> Forecast:
+    """The memory and time a run of `recipe` on these shards will take (see the module docstring).
+    tokens: the calibration's token count (None: no stage calibrates)."""
     cfg = recipe.config
     keys = [k for s in partition.shards for k in s.tensor_keys] + list(partition.rest_keys)
-    sizes = tensor_bytes(model_dir, keys, partition.key_to_file)
+    sizes = (partition.key_bytes if partition.key_bytes is not None  # planned from config.json alone
+             else tensor_bytes(model_dir, keys, partition.key_to_file))
     rest = sum(sizes[k] for k in partition.rest_keys)  # copied (and used to embed) by one worker
     base = psutil.Process().memory_info().rss  # a worker imports the same libraries
     import orchestrator.plots  # noqa: F401  the driver's one more library (matplotlib), counted in its base
     driver_base = psutil.Process().memory_info().rss
-    calibrated = calibration is not None
-    tokens = int(calibration.input_ids.numel()) if calibrated else 0
+    calibrated, tokens = tokens is not None, tokens or 0
     batch_tokens = cfg.data.calibration.batch_size * cfg.data.calibration.seq_len
     config = load_config(model_dir, cfg.model.trust_remote_code)
     hidden = getattr(config, "hidden_size", None) or config.n_embd  # the residual stream's width
@@ -196,6 +198,7 @@ def forecast(recipe, model_dir, partition, calibration) -> Forecast:
         shards=shards,
         seconds=compute + 10.0,  # + starting Ray and the workers
         gflops=gflops,
+        tokens=tokens,
     )
 
 
@@ -238,6 +241,10 @@ def forecast_table(fc: Forecast, plan) -> str:
     """The plan as `orchestrator plan` prints it."""
     p = plan.partition
     lines = [f"model: {plan.model_dir} ({p.architecture}, {p.num_params / 1e6:.1f}M parameters, {p.num_blocks} blocks)",
+             *([f"sizes: from config.json alone (no weights in the folder), tensors of {p.dtype}"]
+               if p.key_bytes is not None else []),
+             *([f"calibration: {fc.tokens} tokens, data.calibration.num_samples x seq_len (no data read without "
+                "weights)"] if plan.calibration is None and fc.tokens else []),
              f"shards: {len(p.shards)} of {plan.recipe.config.partition.blocks_per_shard} block(s); "
              f"workers: {plan.recipe.config.cluster.workers}",
              *([f"experts: {p.experts_per_shard} per shard in blocks with more ("
