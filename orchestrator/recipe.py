@@ -145,9 +145,6 @@ class RotationConfig:
     seed: int = 0
 
 
-RECOVER_TRAINS = ("weights", "scales")
-
-
 @dataclass
 class RecoverConfig:
     """The recover stage: distillation of the compressed model against the dense one (recover.py)."""
@@ -168,8 +165,7 @@ class RecoverConfig:
     max_failures: int = 2  # worker-group restarts Ray Train may make
 
     def __post_init__(self):
-        require("recover",
-                (self.steps >= 1, "steps", "must be >= 1"),
+        require("recover", (self.steps >= 1, "steps", "must be >= 1"),
                 (self.lr > 0, "lr", "must be > 0"),
                 (self.batch_size >= 1, "batch_size", "must be >= 1"),
                 (self.seq_len >= 8, "seq_len", "must be >= 8"),
@@ -178,7 +174,7 @@ class RecoverConfig:
                 (self.workers >= 1, "workers", "must be >= 1"),
                 (self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0"),
                 (self.hidden_mse >= 0, "hidden_mse", "must be >= 0"),
-                (self.train in RECOVER_TRAINS, "train", f"must be one of {', '.join(RECOVER_TRAINS)}"),
+                (self.train in ("weights", "scales"), "train", "must be weights or scales"),
                 (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
                 (self.max_failures >= 0, "max_failures", "must be >= 0"))
 
