@@ -101,6 +101,7 @@ CASES = [
     ("recover-zero-stage-4", lambda ws: run_args(ws, "recover.enabled=true", "recover.zero_stage=4"),
      "recover.zero_stage"),
     ("recover-lr-0", lambda ws: run_args(ws, "recover.enabled=true", "recover.lr=0"), "recover.lr"),
+    ("recover-train-bias", lambda ws: run_args(ws, "recover.enabled=true", "recover.train=bias"), "recover.train"),
     ("recover-an-encoder", lambda ws: run_args(ws, "recover.enabled=true", "stages.0.targets=[query]", model="bert"),
      "not a causal LM"),
     ("recover-conv1d-layers", lambda ws: run_args(ws, "recover.enabled=true", "stages.0.targets=[c_fc]",
