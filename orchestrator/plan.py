@@ -184,6 +184,9 @@ def check_recover(recipe: Recipe, partition: Partition) -> None:
     if partition.task != CAUSAL_LM:
         raise UserError("recover.enabled: recovery distils next-token distributions; "
                         f"{partition.architecture} is not a causal LM")
+    if recipe.config.recover.train == "scales" and not any(getattr(st.params, "bits", None) for st in recipe.stages):
+        raise UserError("recover.train: 'scales' trains quantization scales, and no stage quantizes "
+                        "(use 'weights')")
     transposed = [l.name for s in partition.shards for l in s.linears
                   if l.transposed and any(st.applies_to(l.name, l.router) for st in recipe.stages)]
     experts = [l.name for s in partition.shards for l in s.linears
