@@ -85,6 +85,8 @@ def shard_record(shard: Shard, result: ShardResult, attempts: int) -> dict:
         "seconds": round(result.seconds, 3),
         "capture_seconds": round(result.capture_seconds, 3),
         "cpu_seconds": round(result.cpu_seconds, 3),
+        **({"capture_window": [round(t, 3) for t in result.capture_window], "capture_chunks": result.capture_chunks}
+           if result.capture_window else {}),
         "attempts": attempts,
         "worker": result.worker,
         "error": {m.name: m.relative_error for m in result.layers},

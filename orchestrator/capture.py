@@ -287,9 +287,12 @@ class _InputHooks:
 def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None = None,
                collect: list[LinearLayer] = (), device: torch.device = torch.device("cpu"),
                all_tokens: dict[str, frozenset[int]] | None = None,
-               dense: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], HessianSet]:
+               dense: list[torch.Tensor] | None = None,
+               hessians: HessianSet | None = None) -> tuple[list[torch.Tensor], HessianSet]:
     """Hidden states through the blocks (which are on `device`); H for every layer in `collect` (shared
-    where inputs are shared), kept on `device`. The outputs come back on the CPU, for the object store.
+    where inputs are shared), kept on `device`, folded into `hessians` when given (the running means of
+    earlier batches: a later chunk of the calibration set). The outputs come back on the CPU, for the
+    object store.
 
     Experts: each expert's H is accumulated over the tokens the router sent to it, and the counts are in
     `expert_tokens`; `all_tokens` (experts module -> experts) computes those experts' H over every token
@@ -301,7 +304,7 @@ def run_blocks(blocks: nn.ModuleList, inputs: BlockInputs, shard: Shard | None =
     Experts get no C: the two passes may route a token to different experts.
 
     inputs.token_masks (padded sentences): the padding tokens are left out of every H and C."""
-    hessians = HessianSet()
+    hessians = HessianSet() if hessians is None else hessians
     modules = _hooked_modules(blocks, shard, {l.name for l in collect if l.expert is None}) if collect else {}
     experts = [l for l in collect if l.expert is not None]
     recorded = _attach_recorders(blocks, shard, experts, hessians, all_tokens) if experts else []

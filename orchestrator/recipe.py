@@ -1,8 +1,7 @@
 """Recipes: typed OmegaConf structured configs, loaded from YAML plus key=value overrides.
 
-Everything is checked here, before any cluster work: unknown keys, wrong
-types, out-of-range values and unknown methods raise `UserError` naming the
-offending key. A resolved recipe is saved with each run and hashed.
+Everything is checked here, before any cluster work: unknown keys, wrong types, out-of-range values and
+unknown methods raise `UserError` naming the offending key. A resolved recipe is saved with each run and hashed.
 """
 
 from __future__ import annotations
@@ -108,10 +107,11 @@ class PartitionConfig:
     blocks_per_shard: int = 1  # consecutive transformer blocks per shard
     calibration: str = "parallel"  # parallel | sequential (used by calibration-aware methods)
     experts_per_shard: Optional[int] = None  # MoE blocks cut in shards of this many experts; None: planner's pick
+    chunks: int = 4  # parallel mode: calibration batches pass from shard to shard in this many chunks (shard_pool)
 
     def __post_init__(self):
         require("partition",
-                (self.blocks_per_shard >= 1, "blocks_per_shard", "must be >= 1"),
+                (self.blocks_per_shard >= 1, "blocks_per_shard", "must be >= 1"), (self.chunks >= 1, "chunks", "must be >= 1"),
                 (self.experts_per_shard is None or self.experts_per_shard >= 1, "experts_per_shard", "must be >= 1"),
                 (self.calibration in ("parallel", "sequential"), "calibration", "must be parallel or sequential"))
 

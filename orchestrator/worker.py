@@ -64,6 +64,8 @@ class ShardResult:
     quant: dict[str, QuantParams] = field(default_factory=dict)  # layer name -> its grid (quantized layers)
     capture_seconds: float = 0.0  # running the blocks over the calibration activations (Hessians, outputs)
     cpu_seconds: float = 0.0  # CPU time of the worker process on this shard, all threads
+    capture_window: tuple[float, float] | None = None  # epoch s: its first calibration chunk began, its last ended
+    capture_chunks: int = 0  # the calibration set came in this many chunks (shard_pool.py)
     evaluated_keys: list[str] = field(default_factory=list)  # the keys written to each file
     export_keys: list[str] = field(default_factory=list)
     evaluated_bytes: int = 0  # tensor bytes written to each file
@@ -72,6 +74,19 @@ class ShardResult:
     packed_bytes: int = 0  # their bytes in the export (integers, scales, zeros, shapes)
     # experts module -> {"tokens": calibration tokens routed to each expert, "min_tokens", "under_calibrated"}
     experts: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Calibrating:
+    """A shard whose calibration chunks are still coming (CompressionWorker.calibrate)."""
+
+    tensors: dict[str, torch.Tensor]
+    blocks: torch.nn.ModuleList
+    hessians: HessianSet
+    started: float  # epoch s
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    chunks: int = 0  # calls so far
 
 
 # What a shard's blocks hand on: hidden states per batch; a part of an expert-split block, the routed outputs
@@ -214,41 +229,59 @@ class CompressionWorker:
         torch.set_num_threads(max(1, threads))
         self.model_dir, self.key_to_file, self.config = model_dir, key_to_file, config
         self.kind = block_kind(config) if config is not None else None
-        # shard -> (tensors, Hessians, (capture wall s, capture CPU s))
-        self.calibrated: dict[int, tuple[dict[str, torch.Tensor], HessianSet, tuple[float, float]]] = {}
+        self.calibrating: dict[int, Calibrating] = {}  # shard -> its calibration so far (chunks to come)
+        # shard -> (tensors, Hessians, routing, (capture wall s, capture CPU s, (first start, last end) epoch s,
+        # chunks))
+        self.calibrated: dict[int, tuple[dict[str, torch.Tensor], HessianSet, dict, tuple]] = {}
         self.device = compute_device(ray.get_gpu_ids(), torch.cuda.is_available())
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         return read_keys(self.model_dir, keys, self.key_to_file)
 
     def embed(self, stem_keys: list[str], input_ids: torch.Tensor, batch_size: int,
-              attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[dict]]:
-        """The first block's inputs for the calibration ids (padded sentences: with their mask): (hidden
-        states per batch, block kwargs per batch)."""
+              attention_mask: torch.Tensor | None = None, chunks: list[tuple[int, int]] = ((0, None),)) -> list:
+        """The first block's inputs for the calibration ids (padded sentences: with their mask), cut in
+        `chunks` (ranges of batches): [hidden states per batch of each chunk..., block kwargs per batch of
+        each chunk...], 2 x len(chunks) lists."""
         inputs = capture_block_inputs(self.config, self.read(stem_keys), input_ids, batch_size, attention_mask)
-        return inputs.hidden, inputs.kwargs
+        return [inputs.hidden[a:b] for a, b in chunks] + [inputs.kwargs[a:b] for a, b in chunks]
 
     def calibrate(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict],
                   stages: list[Stage], experts: ExpertsConfig, hand_on: bool = True,
-                  dense: list[torch.Tensor] | None = None, masks: list[torch.Tensor] | None = None) -> Outputs | None:
+                  dense: list[torch.Tensor] | None = None, masks: list[torch.Tensor] | None = None,
+                  first: bool = True, last: bool = True) -> Outputs | None:
         """Hessians of the layers that need them (and of under-calibrated experts, as `experts` says), kept
         here with the tokens each expert was sent; returns the dense blocks' outputs (a part of a block:
         its experts' outputs) when `hand_on` (parallel mode: the next shard's inputs), else None.
+        The calibration set may come in chunks of batches (shard_pool.py), one call each, in order: `first`
+        reads the shard and builds its blocks, `last` finishes the Hessians (experts: whole sets only).
         dense: the dense model's hidden states of the same batches (asymmetric calibration, sequential
         mode): the cross terms are kept too, and the outputs returned are the dense chain's next link.
         masks: per batch the tokens that are not padding (capture.token_masks), the only ones in H."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        tensors = self.read(list(shard.tensor_keys))
-        blocks = build_blocks(self.kind, shard, {**tensors, **self.context(shard, None)}).to(self.device)
+        wall, cpu, started = time.perf_counter(), time.process_time(), time.time()
+        if first:
+            tensors = self.read(list(shard.tensor_keys))
+            blocks = build_blocks(self.kind, shard, {**tensors, **self.context(shard, None)}).to(self.device)
+            self.calibrating[shard.index] = Calibrating(tensors, blocks, HessianSet(), started)
+        state = self.calibrating.get(shard.index)
+        if state is None:
+            raise RuntimeError(f"shard {shard.index}: a later chunk of calibration without the first (restarted?)")
         wanted = [layer for layer in shard.linears
                   if any(s.needs_calibration and s.applies_to(layer.name, layer.router) for s in stages)]
         inputs = BlockInputs(hidden, kwargs, masks)
-        with expert_outputs(blocks, shard) as kept:
-            outputs, hessians = run_blocks(blocks, inputs, shard, wanted, self.device, dense=dense)
-        routing = recalibrate_experts(blocks, inputs, shard, wanted, hessians, experts.min_tokens,
-                                      experts.under_calibrated, self.device)
-        self.calibrated[shard.index] = (tensors, hessians, routing, (time.perf_counter() - wall,
-                                                                     time.process_time() - cpu))
+        with expert_outputs(state.blocks, shard) as kept:
+            outputs, _ = run_blocks(state.blocks, inputs, shard, wanted, self.device, dense=dense,
+                                    hessians=state.hessians)
+        routing = recalibrate_experts(state.blocks, inputs, shard, wanted, state.hessians, experts.min_tokens,
+                                      experts.under_calibrated, self.device) if last else {}
+        state.seconds += time.perf_counter() - wall
+        state.cpu_seconds += time.process_time() - cpu
+        state.chunks += 1
+        if last:
+            del self.calibrating[shard.index]
+            self.calibrated[shard.index] = (state.tensors, state.hessians, routing,
+                                            (state.seconds, state.cpu_seconds, (state.started, time.time()),
+                                             state.chunks))
         return shard_outputs(shard, outputs, kept) if hand_on else None
 
     def forward(self, shard: Shard, hidden: list[torch.Tensor], kwargs: list[dict], source: str | None,
@@ -297,8 +330,8 @@ class CompressionWorker:
         outputs on `hidden` when given (sequential mode; a part reads its block's compressed attention
         from `context_source`), else None)."""
         cpu = time.process_time()
-        tensors, hessians, routing, (capture_s, capture_cpu_s) = self.calibrated.pop(
-            shard.index, (None, None, {}, (0.0, 0.0)))
+        tensors, hessians, routing, (capture_s, capture_cpu_s, window, chunks) = self.calibrated.pop(
+            shard.index, (None, None, {}, (0.0, 0.0, None, 0)))
         if tensors is None and any(s.needs_calibration for s in stages):
             raise RuntimeError(f"shard {shard.index}: no calibration statistics on this worker (restarted?)")
         if tensors is None:
@@ -314,6 +347,7 @@ class CompressionWorker:
         result.worker = {"node": ctx.get_node_id(), "pid": os.getpid(), "device": str(self.device),
                          "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        result.capture_seconds, result.experts = capture_s, routing
+        result.capture_seconds, result.capture_window, result.capture_chunks = capture_s, window, chunks
+        result.experts = routing
         result.cpu_seconds = capture_cpu_s + time.process_time() - cpu
         return result, outputs

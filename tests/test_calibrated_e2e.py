@@ -87,13 +87,14 @@ def test_asymmetric_calibration_in_parallel_mode_is_refused_before_any_work(tmp_
     assert not any(tmp_path.iterdir())  # no run folder
 
 
-def test_calibrated_output_bytes_do_not_depend_on_worker_count(tmp_path, micro_lm, shared_ray):
+def test_calibrated_output_bytes_do_not_depend_on_worker_count_or_chunks(tmp_path, micro_lm, shared_ray):
     from orchestrator.checkpoint import file_sha256
 
-    one = run("sparsegpt-2of4-w4g128", tmp_path / "one", micro_lm, "cluster.workers=1")
-    two = run("sparsegpt-2of4-w4g128", tmp_path / "two", micro_lm, "cluster.workers=2")
+    one = run("sparsegpt-2of4-w4g128", tmp_path / "one", micro_lm, "cluster.workers=1", "partition.chunks=1")
+    two = run("sparsegpt-2of4-w4g128", tmp_path / "two", micro_lm, "cluster.workers=2")  # 2 batches: 2 chunks
     pids = lambda report: {s["worker"]["pid"] for s in report["shards"]}  # the process that compressed each shard
     assert len(pids(two)) == 2 and len(pids(one)) == 1  # the 2-worker run really used 2 actors
+    assert {s["capture_chunks"] for s in one["shards"]} == {1} and {s["capture_chunks"] for s in two["shards"]} == {2}
     files = sorted(p.name for p in (two["dir"] / "model").glob("*.safetensors"))
     assert len(files) == 3
     for name in files:
