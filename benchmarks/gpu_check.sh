@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Section 7's check on one GPU (issue 18), in under 5 minutes: GPTQ W4 g128 on a random 1.2B Llama with
-# GPU workers, llm-compressor 0.14 on the same GPU (when its venv's torch has CUDA), and CPU workers on
-# the same model and ids; the exported bytes compared (benchmarks/compare_exports.py). Writes
+# GPU workers, then CPU workers on the same model and ids, the exported bytes compared
+# (benchmarks/compare_exports.py), then llm-compressor 0.14 on the same GPU (when its venv's torch has CUDA). Writes
 # benchmarks/results/7-gpu-check.md/.json (details: benchmarks/gpu_check.py).
 #
-#   benchmarks/gpu_check.sh [--samples 32] [--seq-len 512] [--shape H,L,F,HEADS,VOCAB] [--no-peer]
+#   benchmarks/gpu_check.sh [--samples 16] [--seq-len 512] [--shape H,L,F,HEADS,VOCAB] [--no-peer]
 #   benchmarks/gpu_check.sh --prepare   # here, before going to a machine without the reference cache:
 #                                       # copies tiny-lm's tokenizer to benchmarks/.work/gpu-check/tokenizer
 #
