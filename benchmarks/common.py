@@ -35,6 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 WORK = BENCH / ".work"
+# this repository's orchestrator/, also where the venv's editable install points at another checkout (a git
+# worktree shares the venv): the commit recorded in the provenance is then the code that ran, here and in the
+# orchestrator processes clean_env starts
+if sys.path[:1] != [str(ROOT)]:
+    sys.path.insert(0, str(ROOT))
 
 # --smoke: the same code paths on the micro reference model with a few short windows (seconds, not minutes)
 SMOKE_MODEL = "reference:micro-lm"
@@ -206,9 +211,10 @@ def source_line(prov: dict, json_name: str) -> str:
 # ---------------------------------------------------------------- running the orchestrator
 
 def clean_env() -> dict:
-    """This environment, offline (nothing may be downloaded at run time), no venv leaking in."""
+    """This environment, offline (nothing may be downloaded at run time), no venv leaking in; PYTHONPATH is
+    this repository (its orchestrator/ whatever checkout the venv's editable install names)."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     return env
 

@@ -443,17 +443,23 @@ def main(argv=None) -> int:
         return compare(args, bench)
 
 
-def compare(args, bench: Bench) -> int:
-    if not PEER_PYTHON.exists():
-        raise SystemExit(f"{PEER_PYTHON} not found: run benchmarks/setup_peer.sh first")
-    # one comparison at a time: two would share the cores (and, by default, the work folder)
+def exclusive():
+    """One measurement at a time (this script, speed.py): two would share the cores (and, by default, the
+    work folder). -> the lock's open file, held until it is closed or the process ends."""
     WORK.mkdir(parents=True, exist_ok=True)
     lock = open(WORK / ".lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise SystemExit("another compare_llmcompressor.py is running (benchmarks/.work/.lock); "
+        raise SystemExit("another compare_llmcompressor.py or speed.py is running (benchmarks/.work/.lock); "
                          "runs must not overlap, or each one's timings are the other's load") from None
+    return lock
+
+
+def compare(args, bench: Bench) -> int:
+    if not PEER_PYTHON.exists():
+        raise SystemExit(f"{PEER_PYTHON} not found: run benchmarks/setup_peer.sh first")
+    lock = exclusive()  # noqa: F841  (held until this process ends)
     from orchestrator.recipe import EvalDataConfig, load_recipe
 
     t_all = time.perf_counter()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the measurements behind benchmarks/RESULTS.md and the figures in README.md.
 #
-#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15
+#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
 #
 # Each section writes its tables (markdown) with their JSON beside them (the
 # numbers, commit, uncommitted files, machine, command line, load average) into
@@ -16,7 +16,9 @@
 #   4 size on disk of the export         export_sizes.py
 #   5 orchestrator compare; MiniLM       effectiveness.py
 #   6 memory: 3.26 GB model, planner     memory.py (runs compare_llmcompressor.py on the 3.26 GB model)
-#   7 GPU workers (needs CUDA)           gpu.py
+#   7 GPU workers (needs CUDA)           gpu.py (on a GPU machine, also benchmarks/gpu_check.sh by hand: a
+#                                       >= 1B model, GPU vs CPU workers, the exported bytes compared,
+#                                       llm-compressor on the GPU; under 5 minutes; not run from here)
 #   8 faults injected, bad input         faults.py (pytest -m chaos, tests/test_bad_input.py)
 #   9 recovery by distillation           recovery.py
 #  10 a mixture-of-experts model         compare_llmcompressor.py (random Mixtral >= 1 GB, 8 experts, GPTQ W4);
@@ -30,6 +32,9 @@
 #  14 an encoder on sentences            encoder_calibration.py (MiniLM GPTQ W4 / W3: windows vs sentences)
 #  15 recovery at low bits on SmolLM2    recovery_low_bits.py (GPTQ W3 / W2 g64, then the recover stage
 #                                       training the weights; W2 again training the scales)
+#  16 speed: the peer, the matmul limit  speed.py (91M and 116M random Llamas, GPTQ W4 g128 act-order, 128 x
+#                                       256 tokens: ours 1 and 2 workers vs llm-compressor, 3 repeats; the
+#                                       matmul limit; Ray's fixed cost); profile_worker.py (per phase, 1 block)
 #
 # --smoke: every script end to end on the micro reference model with a few
 # short windows (and a tiny random Llama where a section builds one), into
@@ -46,11 +51,11 @@ sections=()
 for arg in "$@"; do
   case $arg in
     --smoke) smoke=(--smoke); results=benchmarks/.work/smoke/results; work=benchmarks/.work/smoke ;;
-    [1-9]|1[0-5]) sections+=("$arg") ;;
-    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-15)" >&2; exit 2 ;;
+    [1-9]|1[0-6]) sections+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-16)" >&2; exit 2 ;;
   esac
 done
-[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
 [ -x "$py" ] || { echo "error: $py not found: run scripts/setup.sh first" >&2; exit 2; }
 mkdir -p "$results" "$work/logs"
 exec 9>benchmarks/.work/run.lock
@@ -117,6 +122,7 @@ section() {
     15) bench recovery_low_bits.py 15-recovery-smollm2 \
           && bench recovery_low_bits.py 15-recovery-w2-scales --bits 2 --train scales --lr 0.0001 \
                --table 15-recovery-smollm2-w2-scales ;;
+    16) peer && bench speed.py 16-speed && bench profile_worker.py 16-profile ;;
   esac
 }
 
