@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-FIXED_LOCAL_S = 9.0  # measured here: Ray starting, two worker processes importing torch (tiny-lm runs: 8-10 s)
+FIXED_LOCAL_S = 14.0  # measured here: ray_start 4.6-5.8 s, and ~9 s of a tiny-lm run's compress phase beyond its work
+# (two worker processes importing torch and Ray's task start-up; benchmarks/cost_model.py)
 FIXED_CLUSTER_S = 60.0  # assumed for a described cluster: actors starting on every node, a CUDA context each
 GPU_COLUMN_S = 100e-6  # assumed: one GPTQ sweep column on a GPU, ~10 kernel launches from Python
 GPU_ROW_S = 1e-13  # assumed: the in-block update per column and output row, 64 x 4 bytes at ~3 TB/s
@@ -41,6 +42,12 @@ OBJECT_STORE_GB_S = 5.0  # assumed: a hidden-state tensor's put and get within o
 LOCAL_READ_GB_S = 2.0  # assumed for this machine: safetensors from the page cache or a local SSD
 MSE_SHRINKS = 80  # grid.MSE_SHRINKS
 FACTORISATION_EFFICIENCY = 0.5
+# This machine's phases against its micro-benchmarks (hot 512 x 512 matmuls, tiny GPTQ calls): fitted once to
+# one block of a random 91M Llama (hidden 768, ffn 2048) measured alone on one thread, quiet machine, 32768
+# tokens: forward 6.2 s, Hessians 4.0 s, sweep and factorisation 2.2 s, MSE observer 4.0 s. A described
+# GPU's rates are taken as achieved rates already (efficiency 1).
+CPU_EFFICIENCY = {"forward": 0.65, "hessians": 0.8, "factorisation": 0.4, "sweep": 0.4, "sweep_overhead": 0.4,
+                  "observer": 0.93}
 PHASES = ("read", "forward", "hessians", "factorisation", "sweep", "sweep_overhead", "observer", "write", "transfer")
 
 
@@ -56,6 +63,7 @@ class Rates:
     fixed_s: float
     gpus_per_node: int  # 0: this machine (every worker on one node)
     source: str
+    efficiency: tuple = ()  # (phase, factor) pairs: a phase's seconds are divided by its factor
 
 
 def matmul_gflops(seconds: float = 0.3) -> float:
@@ -120,7 +128,8 @@ def rates_for(cluster) -> Rates:
     return Rates(flops * threads, element_s / threads, column_s, row_s, LOCAL_READ_GB_S * 1e9, OBJECT_STORE_GB_S * 1e9,
                  OBJECT_STORE_GB_S * 1e9, FIXED_LOCAL_S, 0,
                  f"this machine, measured now: {flops / 1e9:.0f} GFLOP/s per thread, {column_s * 1e6:.0f} us per "
-                 f"sweep column, {element_s * 1e9:.1f} ns per element per shrink")
+                 f"sweep column, {element_s * 1e9:.1f} ns per element per shrink; efficiencies fitted once "
+                 "(cost.CPU_EFFICIENCY)", tuple(CPU_EFFICIENCY.items()))
 
 
 def attention_width(config) -> int:
@@ -183,16 +192,18 @@ def shard_work(shard, sizes: dict, stages, tokens: int, seq_len: int, routed_sha
 
 def phase_seconds(work: Work, rates: Rates, remote: bool) -> dict[str, float]:
     """One shard's seconds per phase; remote: its input comes from a worker on another node."""
-    return {"read": work.read_bytes / rates.read_bytes_s,
-            "forward": work.forward_flop / rates.matmul_flops,
-            "hessians": work.hessian_flop / rates.matmul_flops,
-            "factorisation": work.factorisation_flop / (rates.matmul_flops * FACTORISATION_EFFICIENCY),
-            "sweep": work.sweep_flop / rates.matmul_flops,
-            "sweep_overhead": work.columns * rates.column_s + work.column_rows * rates.row_s,
-            "observer": work.observer_elements * rates.element_s,
-            "write": work.write_bytes / rates.read_bytes_s,
-            "transfer": work.transfer_bytes / rates.local_bytes_s  # out of one object store, into the next
-            + (work.transfer_bytes / rates.network_bytes_s if remote else 0.0)}
+    efficiency = dict(rates.efficiency)
+    seconds = {"read": work.read_bytes / rates.read_bytes_s,
+               "forward": work.forward_flop / rates.matmul_flops,
+               "hessians": work.hessian_flop / rates.matmul_flops,
+               "factorisation": work.factorisation_flop / (rates.matmul_flops * FACTORISATION_EFFICIENCY),
+               "sweep": work.sweep_flop / rates.matmul_flops,
+               "sweep_overhead": work.columns * rates.column_s + work.column_rows * rates.row_s,
+               "observer": work.observer_elements * rates.element_s,
+               "write": work.write_bytes / rates.read_bytes_s,
+               "transfer": work.transfer_bytes / rates.local_bytes_s  # out of one object store, into the next
+               + (work.transfer_bytes / rates.network_bytes_s if remote else 0.0)}
+    return {phase: t / efficiency.get(phase, 1.0) for phase, t in seconds.items()}
 
 
 BOTTLENECKS = {"compute (matmul)": ("forward", "hessians", "factorisation", "sweep"),
