@@ -220,8 +220,9 @@ def clean_env() -> dict:
 
 
 def orchestrator_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "orchestrator"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "orchestrator.cli"]
+    """`python -m orchestrator.cli`, run from ROOT: this checkout's package, also in a git worktree whose
+    venv's `orchestrator` entry point would import another checkout's."""
+    return [sys.executable, "-m", "orchestrator.cli"]
 
 
 def tail(path: Path, n: int = 30) -> str:

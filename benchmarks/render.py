@@ -1,4 +1,4 @@
-"""Copy the measured tables from benchmarks/results/ into README.md and benchmarks/RESULTS.md.
+"""Copy the measured tables from benchmarks/results/ into README.md, benchmarks/RESULTS.md and cluster/PLANS.md.
 
     .venv/bin/python benchmarks/render.py           # rewrite the marked blocks in place
     .venv/bin/python benchmarks/render.py --check   # exit 1 (naming the block) if a doc differs from its results
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md"]
+DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md", ROOT / "cluster" / "PLANS.md"]
 BLOCK = re.compile(r"(<!-- results/(?P<name>[\w.-]+)(?P<table> table)? -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 

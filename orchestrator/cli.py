@@ -272,10 +272,11 @@ def cmd_plan(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     from orchestrator.plan import make_plan
-    from orchestrator.planner import forecast_table
+    from orchestrator.planner import check_fits, forecast_table
 
-    plan = make_plan(recipe, overwrite=True, progress=True, need_weights=False)  # refuses (exit 2) what cannot fit
+    plan = make_plan(recipe, overwrite=True, progress=True, need_weights=False, refuse=False)
     print(forecast_table(plan.forecast, plan))
+    check_fits(plan.forecast, plan)  # printed first, then refused (exit 2) if it cannot fit
     return 0
 
 

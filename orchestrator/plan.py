@@ -52,10 +52,11 @@ class Plan:
 
 
 def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lock: bool = False,
-              need_weights: bool = True) -> Plan:
+              need_weights: bool = True, refuse: bool = True) -> Plan:
     """Every check of the run's input, before Ray starts. lock: hold the run folder against other runs
     of the same name (RunLock) until `plan.lock.release()` or the process ends. need_weights False
-    (`orchestrator plan`): a model folder with config.json alone is planned from it (partition.py)."""
+    (`orchestrator plan`): a model folder with config.json alone is planned from it (partition.py).
+    refuse False (`orchestrator plan`): a plan that cannot fit is returned, for the caller to print and refuse."""
     cfg = recipe.config
     t0 = time.perf_counter()
     model_dir = dense_dir = resolve_model_dir(cfg.model.path, progress)
@@ -81,7 +82,8 @@ def make_plan(recipe: Recipe, overwrite: bool = False, progress: bool = True, lo
     plan = Plan(recipe, model_dir, partition, run_dir, calibration, recover_ids,
                 open_output(run_dir, fingerprint, overwrite), predicted,
                 dense_dir=dense_dir if dense_dir != model_dir else None)
-    check_fits(plan.forecast, plan)
+    if refuse:
+        check_fits(plan.forecast, plan)
     check_writable(run_dir.parent)  # last of the checks: the probe touches the folder
     if lock:  # another run of the same name may have changed the folder while this one planned: look again
         held = RunLock.acquire(run_dir)

@@ -18,27 +18,13 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator import defaults
-from orchestrator.errors import UserError
+from orchestrator.cluster_config import ClusterConfig
+from orchestrator.errors import RecipeValueError, UserError, require  # noqa: F401  (RecipeValueError: cli.py)
 from orchestrator.recipe_yaml import parse_yaml
 from orchestrator.techniques import TECHNIQUES, Technique
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 NAME_PATTERN = r"[\w.-]+"  # run and output names: letters, digits, '_', '-' and '.'
-
-
-class RecipeValueError(ValueError):
-    """A value its type allows but its range does not: raised by a section's __post_init__, naming the key."""
-
-    def __init__(self, key: str, field_name: str, why: str):
-        super().__init__(f"key '{key}': {why}")
-        self.field_name, self.why = field_name, why
-
-
-def require(section: str, *rules: tuple[bool, str, str]) -> None:
-    """Each rule is (holds, field, why); the first that fails raises RecipeValueError for `section.field`."""
-    for holds, name, why in rules:
-        if not holds:
-            raise RecipeValueError(f"{section}.{name}" if section else name, name, why)
 
 
 @dataclass
@@ -177,35 +163,6 @@ class RecoverConfig:
                 (self.train in ("weights", "scales"), "train", "must be weights or scales"),
                 (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
                 (self.max_failures >= 0, "max_failures", "must be >= 0"))
-
-
-@dataclass
-class ClusterConfig:
-    address: Optional[str] = None  # None: an embedded local Ray; "auto" or ray://host:port: join one
-    workers: int = 2  # compression actors
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: str = "auto"  # auto: 1 per worker when Ray has GPUs (shared when fewer than workers), else 0; or a number (fractions allowed)
-    max_restarts: int = 2  # per actor; also the retries a shard gets
-    memory_gb: float = 0.0  # memory the planner may plan for on this machine; 0 = what is available now
-
-    def __post_init__(self):
-        require("cluster",
-                (self.workers >= 1, "workers", "must be >= 1"),
-                (self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0"),
-                (valid_gpus(self.gpus_per_worker), "gpus_per_worker",
-                 f"must be auto or a number >= 0 (fractions below 1 allowed), not {self.gpus_per_worker!r}"),
-                (self.max_restarts >= 0, "max_restarts", "must be >= 0"),
-                (self.memory_gb >= 0, "memory_gb", "must be >= 0 (0: this machine's available memory)"))
-
-
-def valid_gpus(value: str) -> bool:
-    if value == "auto":
-        return True
-    try:
-        gpus = float(value)
-    except ValueError:
-        return False
-    return gpus >= 0 and (gpus <= 1 or gpus.is_integer())  # Ray: above 1, whole GPUs only
 
 
 @dataclass
