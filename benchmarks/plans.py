@@ -22,7 +22,6 @@ CLUSTER = ["cluster.nodes=16", "cluster.gpus_per_node=8", "cluster.gpu_memory_gb
            "cluster.network_gbps=400", "cluster.read_gb_per_s=2", "cluster.gpu_tflops=400",
            "data.calibration.num_samples=128", "data.calibration.seq_len=2048"]
 PLANS = {"llama-405b": ("cluster/plans/llama-3.1-405b", []),
-         "llama-405b-h200": ("cluster/plans/llama-3.1-405b", ["cluster.gpu_memory_gb=141"]),  # H200: 141 GB
          "deepseek-v3": ("cluster/plans/deepseek-v3", [])}
 
 

@@ -138,11 +138,23 @@ def shard_forecast(shard: Shard, sizes: dict[str, int], base: int, calibrated: b
         factorisation = 4 * max(l.in_features for l in shard.linears) ** 2 * FLOAT32
     peak = base + WORKER_OVERHEAD_BYTES + weights + rewritten + allowance + working + hessians + activations \
         + factorisation
-    # on a GPU: the weights and the compressed copies, the temporaries, Hessians, factorisation and one batch
-    # (its input and output too); the calibration set's hidden states stay in host memory, streamed per batch
-    gpu = GPU_CONTEXT_BYTES + weights + rewritten + working + hessians + factorisation + batch \
-        + (2 * batch_tokens * hidden * FLOAT32 if calibrated else 0)
+    gpu = GPU_CONTEXT_BYTES + gpu_phase_peak(shard, weights, hessians, batch + 2 * batch_tokens * hidden * FLOAT32
+                                             if calibrated else 0, calibrated)
     return ShardForecast(shard.index, weights, hessians, activations, factorisation, peak, 0.0, gpu)
+
+
+def gpu_phase_peak(shard: Shard, weights: int, hessians: int, batch: int, calibrated: bool) -> int:
+    """What one GPU holds at the larger of a shard's two phases (assumed from the code's order, not measured:
+    no GPU was lent). The calibration pass: the blocks' weights, the Hessians and one batch (intermediates,
+    input, output: the calibration set's hidden states stay in host memory, streamed batch by batch). Then
+    compression, layer by layer (the blocks are gone, each compressed layer goes back to the host): the
+    Hessians and, for the layer needing most, the larger of its factorisation (its float32 copy and the
+    prepared one, four [in, in]: measured on the CPU, techniques/hessian.py) and its sweep (six float32 copies
+    of the layer beside the prepared H and its factor U)."""
+    square = lambda l: l.in_features ** 2 * FLOAT32 if calibrated else 0  # noqa: E731  one [in, in] float32
+    layer = lambda l: l.in_features * l.out_features * FLOAT32  # noqa: E731  one float32 copy of the layer
+    compress = max(max(2 * layer(l) + 4 * square(l), 6 * layer(l) + 2 * square(l)) for l in shard.linears)
+    return max(weights + hessians + batch, hessians + compress)
 
 
 def routed_bytes(partition, shard: Shard, tokens: int, hidden: int, top_k: int) -> int:
@@ -269,9 +281,10 @@ def cluster_lines(fc: Forecast, plan) -> list[str]:
     return [f"cluster (described): {c.nodes} nodes x {c.gpus_per_node} GPUs = {c.planned_workers} workers, one per GPU; "
             f"{c.gpu_memory_gb:g} GB per GPU; {c.network_gbps:g} Gbit/s between nodes; {c.read_gb_per_s:g} GB/s "
             "storage per node",
-            f"per GPU: {gb(s.gpu_bytes)} at most (shard {s.index}: weights {gb(s.weight_bytes)} and their compressed "
-            f"copies, float32 temporaries, Hessians {gb(s.hessian_bytes)}, factorisation {gb(s.factorisation_bytes)}, "
-            f"one batch's activations, CUDA context {gb(GPU_CONTEXT_BYTES)}): {fit} the GPU's {c.gpu_memory_gb:g} GB",
+            f"per GPU: {gb(s.gpu_bytes)} at most (shard {s.index}, the larger of its calibration pass (weights "
+            f"{gb(s.weight_bytes)}, Hessians {gb(s.hessian_bytes)}, one batch) and its compression (Hessians, then "
+            f"layer by layer its factorisation, up to {gb(s.factorisation_bytes)}, or sweep temporaries); CUDA "
+            f"context {gb(GPU_CONTEXT_BYTES)}): {fit} the GPU's {c.gpu_memory_gb:g} GB",
             f"per host: {gb(fc.host_bytes)} at its peak ({min(c.gpus_per_node, len(fc.shards))} workers' host side: "
             "process, shard weights as read, the shard's input and output hidden states; the object store's "
             f"activations in flight; the driver): {host}",

@@ -150,7 +150,8 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
     perm = None
     if p.act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # [in]: position -> column
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm]
+        H = H[:, perm]  # (in two steps: two [in, in] copies at once, not three)
     column = perm.tolist() if perm is not None else list(range(in_features))  # position -> original column
 
     U, damp, raised = inverse_hessian_cholesky(H, p.damp, "gptq")  # [in, in] upper

@@ -111,9 +111,12 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, method: str, tries: i
         Hd = H.clone()
         Hd.diagonal().add_(rel * mean_diag)  # H + lambda I
         L, info = torch.linalg.cholesky_ex(Hd)  # H + lambda I = L L^T
+        del Hd  # each intermediate [in, in] goes as soon as the next exists: at most two beside H
         if info.item() == 0:
             Hinv = torch.cholesky_inverse(L)  # (H + lambda I)^-1
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # Hinv = U^T U
+            del Hinv
             if info.item() == 0 and torch.isfinite(U).all():
                 return U, rel, attempt > 0
         rel *= 10
