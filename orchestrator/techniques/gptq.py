@@ -146,12 +146,11 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
 
     static = p.act_order  # fit every group up front, on W before any update
     scale, zero = initial_grid(W, g, p, static)  # [out, n_groups] each
-
     perm = None
     if p.act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # [in]: position -> column
-        W, H = W[:, perm], H[perm]
-        H = H[:, perm]  # (in two steps: two [in, in] copies at once, not three)
+        W, H = W[:, perm], H[perm]  # (H in two steps: two [in, in] copies at once, not three)
+        H = H[:, perm]
     column = perm.tolist() if perm is not None else list(range(in_features))  # position -> original column
 
     U, damp, raised = inverse_hessian_cholesky(H, p.damp, "gptq")  # [in, in] upper
