@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-FIXED_LOCAL_S = 14.0  # measured here: ray_start 4.6-5.8 s, and ~9 s of a tiny-lm run's compress phase beyond its work
-# (two worker processes importing torch and Ray's task start-up; benchmarks/cost_model.py)
+FIXED_LOCAL_S = 10.5  # measured here (2 workers, tiny-lm, data-free): ray_start 3.9-4.6 s and ~6.3 s of the compress
+# phase beyond the shards' work (two worker processes importing torch, Ray's task start-up)
 FIXED_CLUSTER_S = 60.0  # assumed for a described cluster: actors starting on every node, a CUDA context each
 GPU_COLUMN_S = 100e-6  # assumed: one GPTQ sweep column on a GPU, ~10 kernel launches from Python
 GPU_ROW_S = 1e-13  # assumed: the in-block update per column and output row, 64 x 4 bytes at ~3 TB/s
@@ -43,11 +43,13 @@ LOCAL_READ_GB_S = 2.0  # assumed for this machine: safetensors from the page cac
 MSE_SHRINKS = 80  # grid.MSE_SHRINKS
 FACTORISATION_EFFICIENCY = 0.5
 # This machine's phases against its micro-benchmarks (hot 512 x 512 matmuls, tiny GPTQ calls): fitted once to
-# one block of a random 91M Llama (hidden 768, ffn 2048) measured alone on one thread, quiet machine, 32768
-# tokens: forward 6.2 s, Hessians 4.0 s, sweep and factorisation 2.2 s, MSE observer 4.0 s. A described
-# GPU's rates are taken as achieved rates already (efficiency 1).
-CPU_EFFICIENCY = {"forward": 0.65, "hessians": 0.8, "factorisation": 0.4, "sweep": 0.4, "sweep_overhead": 0.4,
-                  "observer": 0.93}
+# one block of a random 91M Llama (hidden 768, ffn 2048) on one thread, quiet machine, 32768 tokens
+# (benchmarks/profile_worker.py, two runs, results/16-profile.md): forward 5.6-6.3 s, Hessians 2.6-3.0 s,
+# factorisation + sweep 1.5-1.9 s, MSE observer 3.8 s, against 3.9 / 3.2 / 1.5 / 3.7 s from the rates
+# measured then (124 GFLOP/s, 124 us per column, 6.5 ns per element and shrink). A described GPU's rates
+# are taken as achieved rates already (efficiency 1).
+CPU_EFFICIENCY = {"forward": 0.65, "hessians": 1.1, "factorisation": 0.85, "sweep": 0.85, "sweep_overhead": 0.85,
+                  "observer": 0.98}
 PHASES = ("read", "forward", "hessians", "factorisation", "sweep", "sweep_overhead", "observer", "write", "transfer")
 
 
