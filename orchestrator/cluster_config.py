@@ -20,9 +20,10 @@ class ClusterConfig:
     gpus_per_worker: str = "auto"  # auto: 1 per worker when Ray has GPUs (shared when fewer than workers), else 0; or a number (fractions allowed)
     max_restarts: int = 2  # per actor; also the retries a shard gets
     memory_gb: float = 0.0  # memory the planner may plan for on this machine; 0 = what is available now
-    # A described cluster, for `orchestrator plan` only (`orchestrator run` uses the machines Ray has and
-    # ignores these). gpus_per_node > 0: the plan is made for nodes x gpus_per_node GPUs, one worker per GPU
-    # (cluster.workers is then not used); 0: this machine, its CPUs, with rates measured at plan time.
+    # A described cluster, for planning: `orchestrator run` still uses the machines Ray has, but its plan
+    # (the forecast in report.json, the refusal of a shard too big for a GPU) follows these when given.
+    # gpus_per_node > 0: the plan is made for nodes x gpus_per_node GPUs, one worker per GPU (cluster.workers
+    # is then not used); 0: this machine, its CPUs, with rates measured at plan time.
     nodes: int = 1
     gpus_per_node: int = 0
     gpu_memory_gb: float = 80.0  # per GPU: the limit a shard's GPU-side memory must fit

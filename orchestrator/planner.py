@@ -59,7 +59,6 @@ class ShardForecast:
     activation_bytes: int
     factorisation_bytes: int
     peak_bytes: int  # the worker's predicted peak RSS while on this shard (base included)
-    gflop: float
     gpu_bytes: int = 0  # on a GPU: what sits in its memory (see gpu_bytes)
 
 
@@ -140,7 +139,7 @@ def shard_forecast(shard: Shard, sizes: dict[str, int], base: int, calibrated: b
         + factorisation
     gpu = GPU_CONTEXT_BYTES + gpu_phase_peak(shard, weights, hessians, batch + 2 * batch_tokens * hidden * FLOAT32
                                              if calibrated else 0, calibrated)
-    return ShardForecast(shard.index, weights, hessians, activations, factorisation, peak, 0.0, gpu)
+    return ShardForecast(shard.index, weights, hessians, activations, factorisation, peak, gpu)
 
 
 def gpu_phase_peak(shard: Shard, weights: int, hessians: int, batch: int, calibrated: bool) -> int:
