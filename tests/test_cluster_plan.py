@@ -112,3 +112,21 @@ def test_the_written_plans_configs_load_as_their_families():
         folder = REPO / "cluster" / "plans" / name
         assert AutoConfig.from_pretrained(folder).model_type == family
         assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+
+
+def test_a_gpu_holds_the_larger_of_a_shards_two_phases_and_the_405b_block_fits_80_gb(tmp_path):
+    """Llama-3.1-405B from its config.json alone: a block's GPU memory is its compression phase (all four
+    Hessians plus down_proj's factorisation, four [53248, 53248] float32), not the sum of both phases."""
+    from orchestrator.planner import GPU_CONTEXT_BYTES
+
+    cluster = ["cluster.nodes=16", "cluster.gpus_per_node=8", "cluster.gpu_memory_gb=80",
+               "data.calibration.num_samples=128", "data.calibration.seq_len=2048"]
+    recipe = load_recipe(RECIPE, [f"model.path={REPO / 'cluster/plans/llama-3.1-405b'}", f"output.dir={tmp_path}",
+                                  *cluster])
+    plan = make_plan(recipe, overwrite=True, progress=False, need_weights=False, refuse=False)
+    s = plan.forecast.shards[0]
+    down = 53248 ** 2 * 4
+    assert s.factorisation_bytes == 4 * down
+    assert s.gpu_bytes >= GPU_CONTEXT_BYTES + s.hessian_bytes + 4 * down  # the compression phase at least
+    assert s.gpu_bytes < s.weight_bytes + s.hessian_bytes + s.factorisation_bytes + GPU_CONTEXT_BYTES + 10e9
+    assert plan.forecast.gpu_bytes <= 80e9
