@@ -67,7 +67,7 @@ def start_ray(recipe: Recipe) -> bool:
         # Logical CPUs: the workers plus room for the loader and evaluation tasks.
         wanted = math.ceil(cluster.workers * cluster.cpus_per_worker) + 1
         # no idle task workers started ahead, one per CPU, before ray.init returns: the run starts the
-        # processes it uses (ray.init took 9 s with them, 3.4 s without, on 2 cores)
+        # processes it uses (timed by hand on 2 cores: ray.init 9 s with them, 3.4 s without)
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         # address="local": a Ray of our own, even where a Ray node runs on this machine or RAY_ADDRESS is
         # set (ray.init() would join those, and then refuse num_cpus). The dashboard serves Ray's state
