@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, group_view, quantize
+from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, group_view, int_range
 from orchestrator.techniques.hessian import check_sweep, inverse_hessian_cholesky, prepare
 from orchestrator.techniques.registry import register
 from orchestrator.techniques.result import LayerResult
@@ -157,9 +157,12 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
     qweight = torch.zeros(out_features, in_features, dtype=torch.int32, device=W.device)  # by position
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
 
+    qmin, qmax = int_range(p.bits)
+    grid = scale.to(W.dtype), zero.to(W.dtype)  # the same reals and integers, in W's dtype
     for i1 in range(0, in_features, p.block_size):
         i2 = min(i1 + p.block_size, in_features)
         Err1 = torch.zeros(i2 - i1, out_features, dtype=W.dtype, device=W.device)  # [B, out] scaled errors
+        Q1 = torch.empty(i2 - i1, out_features, dtype=W.dtype, device=W.device)  # [B, out] the integers, as reals
         U1 = U[i1:i2, i1:i2]  # [B, B]
         for i in range(i2 - i1):
             j = i1 + i
@@ -167,15 +170,15 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
                 cols = updated_columns(W, Err1, U, i1, i2, j, j + g)  # [out, g]
                 scale[:, j // g], zero[:, j // g] = fit_qparams(cols.float(), p.bits, p.symmetric, p.scale_dtype,
                                                                 p.observer)
+                grid = scale.to(W.dtype), zero.to(W.dtype)
             k = column[j] // g  # the column's group (its original index, also under act_order)
-            s, z = scale[:, k].to(W.dtype), zero[:, k]  # [out]
+            s, z = grid[0][:, k], grid[1][:, k]  # [out] each
             w = W[:, j] - U1[:i, i] @ Err1[:i]  # [out] column j with the OBS updates of the block's columns before it
-            d = U1[i, i]
-            q = quantize(w, s, z, p.bits)  # [out] int32
-            qweight[:, j] = q
-            err = (w - dequantize(q, s, z)) / d  # [out]
-            loss += err.square().sum() / 2
-            Err1[i] = err
+            q = torch.round(w / s).add_(z).clamp_(qmin, qmax)  # [out] grid.quantize's integers, kept as reals
+            Q1[i] = q
+            torch.div(w.sub_(q.sub_(z).mul_(s)), U1[i, i], out=Err1[i])  # [out] (w - dequantized) / U_jj
+        qweight[:, i1:i2] = Q1.T.to(torch.int32)
+        loss += Err1.square().sum(dim=1, dtype=torch.float64).sum() / 2
         W[:, i2:] -= Err1.T @ U[i1:i2, i2:]  # the lazy update of everything after the block
 
     if perm is not None:
