@@ -4,7 +4,8 @@
     -> compress: every shard the store lacks, on a pool of actors (shard_pool.py); each finished shard
        is committed to the store (store.py); the checkpoints are assembled from the commits (assemble.py)
     -> recover: distillation, when the recipe enables it (recover_stage.py)
-    -> export: index, config and manifest; proven to load in transformers in a fresh process
+    -> export: index, config and manifest; proven to load in transformers (on a compression actor
+       still up, else in a fresh process)
     -> evaluate: dense and compressed quality and speed in a fresh process (evaluate.py)
     -> report.json / report.md (report.py), MLflow (tracking.py); the finished folder renamed into place
 """
@@ -99,16 +100,18 @@ def gpus_per_worker(setting: str, workers: int, cluster_gpus: float) -> float:
     return 1.0 if cluster_gpus >= workers else math.floor(cluster_gpus / workers * 1e4) / 1e4
 
 
-def compress_all(plan: Plan, gpus: float, progress: bool) -> Compressed:
+def compress_all(plan: Plan, gpus: float, progress: bool, keep_actor: bool) -> tuple[Compressed, object | None]:
     """Compress every shard the store lacks, on the actors, which write each shard twice: evaluated/
     (as the run evaluates it) and model/ (packed, the export). The driver commits each finished shard
-    to the store and keeps only records. Committed shards of an interrupted run are reused."""
+    to the store and keeps only records. Committed shards of an interrupted run are reused.
+    -> (the checkpoints, with keep_actor one live actor for the export's check, or None)"""
     partition, store = plan.partition, plan.store
     layout = Layout(store.folder, len(partition.shards))
     commits = store.committed()
     todo = [s for s in partition.shards if shard_key(s.index) not in commits]
+    kept = None
     if todo or "rest" not in commits:
-        pool = ShardPool(plan, gpus, layout)
+        pool, done = ShardPool(plan, gpus, layout), False
         try:
             # (if this worker dies before copying them, the copy is retried on another after the shards)
             rest = None if "rest" in commits else pool.copy_rest(sorted(partition.rest_keys), layout.rest)
@@ -116,9 +119,10 @@ def compress_all(plan: Plan, gpus: float, progress: bool) -> Compressed:
             if rest is not None:
                 commits["rest"] = {"bytes": copy_rest(plan, pool, rest, layout)}
                 store.commit("rest", commits["rest"], [Path(f) for f in vars(layout.rest).values()])
+            done = True
         finally:
-            pool.close()
-    return assemble(partition, layout, commits, {s.index for s in todo})
+            kept = pool.close(keep_one=keep_actor and done)
+    return assemble(partition, layout, commits, {s.index for s in todo}), kept
 
 
 def compress_shards(plan: Plan, pool: ShardPool, layout: Layout, todo: list, commits: dict, progress: bool) -> None:
@@ -174,15 +178,16 @@ class ExportUnloadable(RunFailed):
     """The exported checkpoint does not load in transformers, or loads into other outputs."""
 
 
-def check_export_loads(plan: Plan, compressed: Compressed) -> dict:
-    """export.check_loads in a fresh process (a Ray task): the run succeeds only with an export that
-    transformers loads and that computes what the run evaluated."""
+def check_export_loads(plan: Plan, compressed: Compressed, actor=None) -> dict:
+    """export.check_loads on a compression actor that is still up (its libraries are imported: seconds
+    saved on every run), else in a fresh process (a Ray task): the run succeeds only with an export that
+    transformers loads and that computes what the run evaluated. The driver holds no weights."""
     from orchestrator.export import check_loads
 
     threads = int(max(1, plan.recipe.config.cluster.cpus_per_worker))
-    task = ray.remote(num_cpus=threads)(check_loads)  # its process, libraries imported, then serves `measure`
+    call = actor.check_loads if actor is not None else ray.remote(num_cpus=threads)(check_loads)
     try:
-        return ray.get(task.remote(str(compressed.export.folder), str(compressed.evaluated.folder),
+        return ray.get(call.remote(str(compressed.export.folder), str(compressed.evaluated.folder),
                                    plan.partition.block_prefix, plan.partition.first_expert_block() + 1,
                                    plan.partition.task != CAUSAL_LM,
                                    plan.recipe.config.model.trust_remote_code, threads))
@@ -219,20 +224,25 @@ def execute(plan: Plan, timer: Timer, progress: bool) -> dict:
     partial, cfg = plan.store.folder, plan.recipe.config
     workers = min(cfg.cluster.workers, len(plan.partition.shards))
     gpus = gpus_per_worker(cfg.cluster.gpus_per_worker, workers, ray.cluster_resources().get("GPU", 0))
-    with timer.phase("compress"):
-        compressed = compress_all(plan, gpus, progress)
-        finish_evaluated(plan, compressed)
-    recovery = None
-    if cfg.recover.enabled:
-        with timer.phase("recover"):
-            recovery = recover_stage(plan, compressed)
-    with timer.phase("export"):
-        sizes = finish_export_folder(plan, compressed)
-        if recovery:  # the recovered export replaces the compressed one
-            shutil.rmtree(partial / "model")
-            compressed.export.folder.rename(partial / "model")
-            compressed.export.folder = partial / "model"
-        sizes["load_check"] = check_export_loads(plan, compressed)
+    actor = None  # one compression actor stays up for the export's check, unless recovery needs its CPUs / GPUs
+    try:
+        with timer.phase("compress"):
+            compressed, actor = compress_all(plan, gpus, progress, keep_actor=not cfg.recover.enabled)
+            finish_evaluated(plan, compressed)
+        recovery = None
+        if cfg.recover.enabled:
+            with timer.phase("recover"):
+                recovery = recover_stage(plan, compressed)
+        with timer.phase("export"):
+            sizes = finish_export_folder(plan, compressed)
+            if recovery:  # the recovered export replaces the compressed one
+                shutil.rmtree(partial / "model")
+                compressed.export.folder.rename(partial / "model")
+                compressed.export.folder = partial / "model"
+            sizes["load_check"] = check_export_loads(plan, compressed, actor)
+    finally:
+        if actor is not None:
+            ray.kill(actor)
     with timer.phase("evaluate"):
         quality, speed = measure(plan, compressed.evaluated.folder, partial / "eval")
     return {"compressed": compressed, "quality": quality, "speed": speed, "sizes": sizes, "recovery": recovery,

@@ -141,9 +141,13 @@ class ShardPool:
         the ref gives the bytes written."""
         return self.actors[attempt % len(self.actors)].write_rest.remote(keys, files)
 
-    def close(self) -> None:
+    def close(self, keep_one: bool = False):
+        """Kill the actors; keep_one: all but the first, returned (the caller kills it) -> actor | None."""
+        kept = self.actors[0] if keep_one else None
         for actor in self.actors:
-            ray.kill(actor)
+            if actor is not kept:
+                ray.kill(actor)
+        return kept
 
     def input_of(self, k: int, actor) -> list[ray.ObjectRef]:
         """Shard k's input activations per chunk (a part's: its block's), rebuilt on `actor` from the last

@@ -318,6 +318,12 @@ class CompressionWorker:
             outputs = run_blocks(blocks, BlockInputs(hidden, kwargs), device=self.device)[0]
         return shard_outputs(shard, outputs, kept)
 
+    def check_loads(self, *args) -> dict:
+        """export.check_loads in this process, whose libraries are imported already (driver.py)."""
+        from orchestrator.export import check_loads
+
+        return check_loads(*args)
+
     def write_rest(self, keys: list[str], files: ShardFiles) -> int:
         """Copy the tensors outside the blocks (embeddings, norms, head) to both outputs; -> tensor bytes."""
         tensors = self.read(keys)
