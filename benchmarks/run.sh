@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the measurements behind benchmarks/RESULTS.md and the figures in README.md.
 #
-#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
+#   benchmarks/run.sh [--smoke] [SECTION ...]      no SECTION: all of 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 18
 #
 # Each section writes its tables (markdown) with their JSON beside them (the
 # numbers, commit, uncommitted files, machine, command line, load average) into
@@ -34,7 +34,10 @@
 #                                       training the weights; W2 again training the scales)
 #  16 speed: the peer, the matmul limit  speed.py (91M and 116M random Llamas, GPTQ W4 g128 act-order, 128 x
 #                                       256 tokens: ours 1 and 2 workers vs llm-compressor, 3 repeats; the
-#                                       matmul limit; Ray's fixed cost); profile_worker.py (per phase, 1 block)
+#                                       matmul limit; Ray's fixed cost); profile_worker.py (per phase, 2 blocks);
+#                                       observer_norm.py (the MSE observer's norm 2.5 vs 2.4 on SmolLM2's weights)
+#  18 the planner's cost model, plans    cost_model.py (predicted vs measured, 3 model sizes); plans.py (the
+#                                       405B and 671B plans of cluster/PLANS.md, from config.json alone)
 #
 # --smoke: every script end to end on the micro reference model with a few
 # short windows (and a tiny random Llama where a section builds one), into
@@ -51,11 +54,11 @@ sections=()
 for arg in "$@"; do
   case $arg in
     --smoke) smoke=(--smoke); results=benchmarks/.work/smoke/results; work=benchmarks/.work/smoke ;;
-    [1-9]|1[0-6]) sections+=("$arg") ;;
-    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-16)" >&2; exit 2 ;;
+    [1-9]|1[0-6]|18) sections+=("$arg") ;;
+    *) echo "usage: benchmarks/run.sh [--smoke] [SECTION ...]   (sections 1-16, 18)" >&2; exit 2 ;;
   esac
 done
-[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+[ ${#sections[@]} -gt 0 ] || sections=(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 18)
 [ -x "$py" ] || { echo "error: $py not found: run scripts/setup.sh first" >&2; exit 2; }
 mkdir -p "$results" "$work/logs"
 exec 9>benchmarks/.work/run.lock
@@ -122,7 +125,9 @@ section() {
     15) bench recovery_low_bits.py 15-recovery-smollm2 \
           && bench recovery_low_bits.py 15-recovery-w2-scales --bits 2 --train scales --lr 0.0001 \
                --table 15-recovery-smollm2-w2-scales ;;
-    16) peer && bench speed.py 16-speed && bench profile_worker.py 16-profile ;;
+    16) peer && bench speed.py 16-speed && bench profile_worker.py 16-profile \
+          && bench observer_norm.py 16-observer-norm ;;
+    18) bench cost_model.py 18-cost-model && bench plans.py 18-plans ;;
   esac
 }
 

@@ -46,11 +46,11 @@ SCALE_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": tor
 # ranges shrunk from the whole range (1.00, 0.99, ..., 0.21 of it) for the one whose rounding error
 # sum |w - w_hat|^2.5 is least (clipping a few outliers buys finer steps for the rest). The norm sits
 # between the mean-square and the max error; 2.5 rather than GPTQ's reference 2.4 because
-# |e|^2.5 = e^2 sqrt|e| costs two cheap kernels, and pow(|e|, 2.4) took 3.4x the time of the whole
-# rest of the search (benchmarks/observer_norm.py: the same error on SmolLM2's weights).
+# |e|^2.5 = e^2 sqrt|e| takes two cheap kernels where pow(|e|, 2.4) was most of the search's time
+# (benchmarks/observer_norm.py: half the time, the same error on SmolLM2's weights).
 OBSERVERS = ("minmax", "mse")
 MSE_SHRINKS = [1 - i / 100 for i in range(80)]
-MSE_NORM = 2.5
+MSE_NORM = 2.5  # rounding_error's exponent
 
 
 MSE_SLICE_ELEMENTS = 2 ** 16  # weights searched at once: groups in slices of about this many (256 KB)
