@@ -139,6 +139,32 @@ def test_the_mse_observer_clips_heavy_tails_for_less_error_than_minmax(bits, sym
     assert levels.min() >= lo and levels.max() <= hi
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_mse_observer_picks_the_shrink_with_the_least_error_in_its_norm(symmetric):
+    """Against a brute force in float64: every group's grid has the least sum |w - w_hat|^MSE_NORM of all
+    the shrunk ranges it may choose from (up to float32's rounding of near ties)."""
+    from orchestrator.techniques.grid import MSE_NORM, MSE_SHRINKS, fit_qparams, range_qparams
+
+    g = torch.Generator().manual_seed(1)
+    Wg = torch.randn(200, 64, generator=g) / torch.rand(200, 64, generator=g).clamp(min=0.05).sqrt()  # [G, g]
+    scale, zero = fit_qparams(Wg, 3, symmetric, observer="mse")  # [G] each
+    qmin, qmax = int_range(3)
+
+    def error(s, z):  # [S, G] grids -> [S, G] sums in float64
+        q = (torch.round(Wg / s[..., None]) + z[..., None]).clamp(qmin, qmax)
+        return ((q - z[..., None]) * s[..., None] - Wg).double().abs().pow(MSE_NORM).sum(-1)
+
+    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+    shrinks = torch.tensor(MSE_SHRINKS)[:, None]  # [S, 1]
+    if symmetric:
+        s, z = range_qparams(None, torch.maximum(-lo, hi) * shrinks, 3, "float32")
+    else:
+        s, z = range_qparams(lo * shrinks, hi * shrinks, 3, "float32")
+    least = error(s, z.float()).min(0).values  # [G]
+    chosen = error(scale[None], zero[None].float())[0]
+    assert (chosen <= least * (1 + 1e-5)).all(), (chosen / least).max()
+
+
 def test_the_mse_observer_keeps_zeros_and_finite_scales():
     W = random_weight()
     W[:4] = 0  # all-zero groups
