@@ -44,10 +44,12 @@ MSE_SHRINKS = 80  # grid.MSE_SHRINKS
 FACTORISATION_EFFICIENCY = 0.5
 # This machine's phases against its micro-benchmarks (hot 512 x 512 matmuls, tiny GPTQ calls): fitted once to
 # one block of a random 91M Llama (hidden 768, ffn 2048) on one thread, quiet machine, 32768 tokens
-# (benchmarks/profile_worker.py, two runs, results/16-profile.md): forward 5.6-6.3 s, Hessians 2.6-3.0 s,
-# factorisation + sweep 1.5-1.9 s, MSE observer 3.8 s, against 3.9 / 3.2 / 1.5 / 3.7 s from the rates
-# measured then (124 GFLOP/s, 124 us per column, 6.5 ns per element and shrink). A described GPU's rates
-# are taken as achieved rates already (efficiency 1).
+# (benchmarks/profile_worker.py, two runs at 3d6fae0, results/16-profile.md in git history): forward 5.6-6.3 s,
+# Hessians 2.6-3.0 s, factorisation + sweep 1.5-1.9 s, MSE observer 3.8 s, against 3.9 / 3.2 / 1.5 / 3.7 s
+# from the rates measured then (124 GFLOP/s, 124 us per column, 6.5 ns per element and shrink). The sweep
+# and the observer got faster since; their rates are measured at plan time on the code as it is, so the
+# factors still apply (cluster/PLANS.md: the rerun). A described GPU's rates are taken as achieved rates
+# already (efficiency 1).
 CPU_EFFICIENCY = {"forward": 0.65, "hessians": 1.1, "factorisation": 0.85, "sweep": 0.85, "sweep_overhead": 0.85,
                   "observer": 0.98}
 PHASES = ("read", "forward", "hessians", "factorisation", "sweep", "sweep_overhead", "observer", "write", "transfer")
