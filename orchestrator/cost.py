@@ -47,8 +47,8 @@ FACTORISATION_EFFICIENCY = 0.5
 # (benchmarks/profile_worker.py, two runs at 3d6fae0, results/16-profile.md in git history): forward 5.6-6.3 s,
 # Hessians 2.6-3.0 s, factorisation + sweep 1.5-1.9 s, MSE observer 3.8 s, against 3.9 / 3.2 / 1.5 / 3.7 s
 # from the rates measured then (124 GFLOP/s, 124 us per column, 6.5 ns per element and shrink). The sweep
-# and the observer got faster since; their rates are measured at plan time on the code as it is, so the
-# factors still apply (cluster/PLANS.md: the rerun). A described GPU's rates are taken as achieved rates
+# got faster since; its rate is measured at plan time on the code as it is, so the factors still apply
+# (cluster/PLANS.md: the rerun). A described GPU's rates are taken as achieved rates
 # already (efficiency 1).
 CPU_EFFICIENCY = {"forward": 0.65, "hessians": 1.1, "factorisation": 0.85, "sweep": 0.85, "sweep_overhead": 0.85,
                   "observer": 0.98}
