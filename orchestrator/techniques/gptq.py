@@ -156,7 +156,6 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
     U, damp, raised = inverse_hessian_cholesky(H, p.damp, "gptq")  # [in, in] upper
     qweight = torch.zeros(out_features, in_features, dtype=torch.int32, device=W.device)  # by position
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
-
     qmin, qmax = int_range(p.bits)
     grid = scale.to(W.dtype), zero.to(W.dtype)  # the same reals and integers, in W's dtype
     for i1 in range(0, in_features, p.block_size):
@@ -174,8 +173,7 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
             k = column[j] // g  # the column's group (its original index, also under act_order)
             s, z = grid[0][:, k], grid[1][:, k]  # [out] each
             w = W[:, j] - U1[:i, i] @ Err1[:i]  # [out] column j with the OBS updates of the block's columns before it
-            q = torch.round(w / s).add_(z).clamp_(qmin, qmax)  # [out] grid.quantize's integers, kept as reals
-            Q1[i] = q
+            Q1[i] = q = torch.round(w / s).add_(z).clamp_(qmin, qmax)  # [out] grid.quantize's integers, as reals
             torch.div(w.sub_(q.sub_(z).mul_(s)), U1[i, i], out=Err1[i])  # [out] (w - dequantized) / U_jj
         qweight[:, i1:i2] = Q1.T.to(torch.int32)
         loss += Err1.square().sum(dim=1, dtype=torch.float64).sum() / 2
@@ -185,8 +183,6 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
         qweight = qweight[:, torch.argsort(perm)]  # back to the original column order
     quant = QuantParams(scale, zero, p.bits, g, p.symmetric)
     return LayerResult(
-        weight=dequantize_groups(qweight, quant),
-        quant=quant,
-        qweight=qweight,
+        weight=dequantize_groups(qweight, quant), quant=quant, qweight=qweight,
         stats={"damp": damp, "damp_raised": raised, "loss": loss.item(), "dead_columns": int(dead.sum())},
     )
