@@ -297,7 +297,7 @@ def measure(args, shapes: dict, bench: Bench) -> int:
                     "off), 1 worker with 2 CPUs and 2 workers with 1 each; median (min-max). The fixed cost is "
                     "the whole wall minus the compress phase (which itself includes starting the worker actors: "
                     "'shards' work' is the workers' own seconds on the shards, summed); 'outside the phases' is "
-                    "the CLI's start (imports) and Ray's shutdown.")
+                    "the CLI's start (imports), then the report, plots and exit (Ray stops beside the report).")
     return 0
 
 

@@ -373,5 +373,15 @@ def cmd_ui(args) -> int:
     os.execvp(cmd[0], cmd)
 
 
+def entry() -> None:
+    """The `orchestrator` command: main(), then the process ends at once. Python's own teardown of the
+    modules a run imports (torch, transformers, Ray) takes about a second here and does nothing a finished
+    command needs: a run has stopped the Ray it started (a cluster it joined sees the driver leave), and
+    stdout is flushed here (stderr, where the logging goes, is unbuffered)."""
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

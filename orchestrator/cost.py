@@ -11,8 +11,9 @@ Phases of one shard (a worker holds the shard for all of them):
 - sweep: the lazy block updates, out x in^2 flop at the matmul rate; sweep overhead: the Python loop
   over the input columns (~10 small tensor ops each, their in-block matrix-vector update included):
   seconds per column plus seconds per column and output row (measured here on two tiny GPTQ calls);
-- observer: the MSE observer (grid.fit_qparams) tries 80 shrinks, a pass of ~10 elementwise ops over
-  the weight each: seconds per weight element per shrink (minmax: one pass);
+- observer: the MSE observer (grid.fit_qparams) tries up to 80 shrinks, a pass of ~10 elementwise ops
+  over the weight each: seconds per weight element per shrink (minmax: one pass), measured on a random
+  weight, whose groups stop early about as often as a model's do;
 - write: the packed export's bytes to storage;
 - transfer: the shard's input hidden states (tokens x hidden x 4 bytes) from the previous shard's
   worker: an object-store copy, and the network's time on top when the two workers are on different nodes.

@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 import pytest
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 from orchestrator.checkpoint import file_sha256
 
@@ -125,3 +125,20 @@ def test_complete_run_is_not_overwritten_without_flag(runs):
     proc = run_cli("run", str(recipe), "cluster.workers=1", "output.name=w1", cwd=tmp, timeout=120)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert file_sha256(run_dir / "report.json") == before
+
+
+def test_a_run_has_stopped_the_ray_it_started_when_it_returns(micro_lm, tmp_path):
+    """Ray stops beside the report and plots (driver.run), and is gone when the run returns: no Ray
+    process is left behind, in the process or under it."""
+    import psutil
+    import ray
+
+    from orchestrator.cli import main
+
+    assert not ray.is_initialized()
+    rtn = str(REPO / "recipes" / "rtn-w4g128.yaml")
+    assert main(["run", rtn, f"model.path={micro_lm}", f"output.dir={tmp_path}", "tracking.enabled=false",
+                 "data.eval.enabled=false", "--quiet"]) == 0
+    left = [p.name() for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not ray.is_initialized() and not left, left

@@ -26,3 +26,20 @@ def test_quiet_hides_information(tmp_path, capsys):
     assert "nothing to sync" in capsys.readouterr().err
     assert main(["sync", str(tmp_path), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_the_command_ends_at_once_with_its_output_and_exit_code_intact():
+    """The `orchestrator` command leaves by os._exit (cli.entry: Python's teardown of torch and Ray is
+    skipped), so what it printed to a pipe (block-buffered, unlike the tests' PYTHONUNBUFFERED runs) and
+    logged must be flushed first, and its exit code kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    listed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "reference", "list"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "reference:tiny-lm" in listed.stdout, listed
+    refused = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "missing.yaml"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: recipe file not found: missing.yaml", refused
