@@ -35,7 +35,7 @@
 #  16 speed: the peer, the matmul limit  speed.py (91M and 116M random Llamas, GPTQ W4 g128 act-order, 128 x
 #                                       256 tokens: ours 1 and 2 workers vs llm-compressor, 3 repeats; the
 #                                       matmul limit; Ray's fixed cost); profile_worker.py (per phase, 2 blocks);
-#                                       observer_norm.py (the MSE observer's norm 2.5 vs 2.4 on SmolLM2's weights)
+#                                       observer_norm.py (the MSE observer: stopped early vs every shrink, norm 2.4 vs 2.5)
 #  18 the planner's cost model, plans    cost_model.py (predicted vs measured, 3 model sizes); plans.py (the
 #                                       405B and 671B plans of cluster/PLANS.md, from config.json alone)
 #
