@@ -88,7 +88,8 @@ def mse_search(Wg: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor, scal
 
     The shrinks are tried from the widest down, a few at a time, and a group stops searching once the
     weights that every shrink left must clip already cost more than its best: the same grids as trying
-    every shrink (a margin covers float32's rounding), in about half the time (RESULTS.md section 16)."""
+    every shrink (a margin covers float32's rounding), in about a third of the time at 4 bits (RESULTS.md
+    section 16)."""
     qmin, qmax = int_range(bits)
     shrinks = torch.tensor(MSE_SHRINKS, device=Wg.device).view(-1, 1)  # [S, 1]
     s, z = range_qparams(None if lo is None else lo * shrinks, hi * shrinks, bits, scale_dtype)  # [S, G]
