@@ -71,15 +71,16 @@ def calibration_flops(config: dict, samples: int, seq_len: int, block_size: int 
       per token, the whole square: causal kernels may skip half);
     hessians: 2 x tokens x in^2 per distinct layer input (q/k/v share one, gate/up share one: 3 of
       hidden^2 and one of ffn^2 per block);
-    gptq: per layer the factorisation of H (Cholesky, Cholesky inverse, Cholesky: ~4/3 in^3) and the
-      sweep's updates (lazy batches out x in^2, inside the batches out x in x block_size).
+    gptq: per distinct layer input the factorisation of H (Cholesky, Cholesky inverse, Cholesky: ~4/3 in^3;
+      the layers reading one input share it) and per layer the sweep's updates (lazy batches out x in^2,
+      inside the batches out x in x block_size).
     Left out: embeddings and head (not calibrated), norms, softmax, the observer's elementwise search."""
     tokens, layers, d = samples * seq_len, config["num_hidden_layers"], config["hidden_size"]
     linears = block_linears(config)
     forward = 2 * tokens * sum(i * o for _, i, o in linears) + 4 * tokens * seq_len * d
     distinct = {"qkv": d, "o": d, "gate/up": d, "down": config["intermediate_size"]}
     hessians = 2 * tokens * sum(i * i for i in distinct.values())
-    gptq = sum(4 / 3 * i ** 3 + o * i * (i + block_size) for _, i, o in linears)
+    gptq = sum(4 / 3 * i ** 3 for i in distinct.values()) + sum(o * i * (i + block_size) for _, i, o in linears)
     per = {"forward": forward * layers, "hessians": hessians * layers, "gptq": gptq * layers}
     return {**per, "total": sum(per.values()), "tokens": tokens,
             "block_params": layers * sum(i * o for _, i, o in linears)}

@@ -6,8 +6,9 @@ Phases of one shard (a worker holds the shard for all of them):
 - forward: the calibration pass, 2 x params x tokens flop (an expert: its share of the tokens), plus the
   attention's 2 x tokens x seq_len x (q/k width + v width) per block;
 - hessians: 2 x tokens x d^2 flop per distinct input of width d (input_stats.expected_input_groups);
-- factorisation (GPTQ / SparseGPT, per layer): Cholesky, its inverse, Cholesky again: 4/3 in^3 flop,
-  counted at half the matmul rate (LAPACK's factorisations run slower than a matrix product);
+- factorisation (GPTQ / SparseGPT, per input read: layers that share an input share it): Cholesky, its
+  inverse, Cholesky again: 4/3 in^3 flop, counted at half the matmul rate (LAPACK's factorisations run
+  slower than a matrix product);
 - sweep: the lazy block updates, out x in^2 flop at the matmul rate; sweep overhead: the Python loop
   over the input columns (~10 small tensor ops each, their in-block matrix-vector update included):
   seconds per column plus seconds per column and output row (measured here on two tiny GPTQ calls);
@@ -184,7 +185,7 @@ def shard_work(shard, sizes: dict, stages, tokens: int, seq_len: int, routed_sha
         forward_flop=sum(2 * seen(l) * l.in_features * l.out_features for l in shard.linears)
         + blocks * 2 * tokens * seq_len * attention,
         hessian_flop=sum(2 * seen(members[0]) * members[0].in_features ** 2 for members in groups.values()),
-        factorisation_flop=sum(4 / 3 * l.in_features ** 3 for l, _ in solved),
+        factorisation_flop=sum(4 / 3 * l.in_features ** 3 for l in factorised(solved)),
         sweep_flop=sum(l.out_features * l.in_features ** 2 for l, _ in solved),
         columns=sum(l.in_features for l, _ in solved),
         column_rows=float(sum(l.in_features * l.out_features for l, _ in solved)),
@@ -193,6 +194,18 @@ def shard_work(shard, sizes: dict, stages, tokens: int, seq_len: int, routed_sha
         write_bytes=sum(sizes[k] for k in shard.tensor_keys) - rewritten + packed,
         transfer_bytes=float(tokens * hidden * 4),
     )
+
+
+def factorised(solved: list) -> list:
+    """The layers whose H is factorised, one per factorisation: one per input read (hessian.shared_factors:
+    q/k/v and gate/up share one) when each layer has one solving stage; one per (layer, stage) otherwise (the
+    shared factor is the last H's only, so stages alternating on one layer each compute their own)."""
+    from orchestrator.input_stats import expected_input_groups
+
+    layers = [l for l, _ in solved]
+    if len({l.name for l in layers}) < len(layers):
+        return layers
+    return [members[0] for members in expected_input_groups(layers).values()]
 
 
 def phase_seconds(work: Work, rates: Rates, remote: bool) -> dict[str, float]:

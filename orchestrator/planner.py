@@ -44,6 +44,9 @@ from orchestrator.partition import Shard, load_config
 
 FLOAT32 = 4
 RAY_DRIVER_BYTES = 40_000_000  # what ray.init adds to the driver's resident set (measured: Ray 2.60, Linux)
+# what the driver's plots add to it (matplotlib: 25 MB measured, imported once the run is done, not here:
+# its second of import time at plan time held up the run's start)
+PLOTS_BYTES = 30_000_000
 # What a worker's resident set holds at its peak beyond the shard's own terms: the allocator's arenas and
 # the heap's high-water mark, Ray's task buffers (measured on the planner test's 70 MB Llama, sequential:
 # peaks 740-774 MB against 667 MB forecast without this term; Intel Xeon, 2 cores)
@@ -171,8 +174,7 @@ def forecast(recipe, model_dir, partition, tokens: int | None) -> Forecast:
              else tensor_bytes(model_dir, keys, partition.key_to_file))
     rest = sum(sizes[k] for k in partition.rest_keys)  # copied (and used to embed) by one worker
     base = psutil.Process().memory_info().rss  # a worker imports the same libraries
-    import orchestrator.plots  # noqa: F401  the driver's one more library (matplotlib), counted in its base
-    driver_base = psutil.Process().memory_info().rss
+    driver_base = base + PLOTS_BYTES
     calibrated, tokens = tokens is not None, tokens or 0
     batch_tokens = cfg.data.calibration.batch_size * cfg.data.calibration.seq_len
     config = load_config(model_dir, cfg.model.trust_remote_code)

@@ -28,6 +28,7 @@ from orchestrator.input_stats import HessianSet
 from orchestrator.partition import LinearLayer, Shard
 from orchestrator.recipe import ExpertsConfig, Stage
 from orchestrator.techniques.grid import QuantParams
+from orchestrator.techniques.hessian import shared_factors
 from orchestrator.techniques.result import weight_error
 
 log = logging.getLogger(__name__)
@@ -162,20 +163,21 @@ def compress_shard(shard: Shard, tensors: dict[str, torch.Tensor], stages: list[
         hessian_of, cross_of = scaled_input(hessian_of, scales), scaled_input(cross_of, scales)
     out = dict(tensors)
     metrics, grids = [], {}
-    for layer in shard.linears:
-        if not any(s.applies_to(layer.name, layer.router) for s in stages):
-            continue
-        original = tensors[layer.weight_key]
-        W = as_out_in(original, layer).to(device=device, dtype=torch.float32)
-        H, C = hessian_of(layer.name), cross_of(layer.name)
-        W_hat, m, quant = compress_layer(W, layer.name, stages, None if H is None else H.to(device), original.dtype,
-                                         layer.router, None if C is None else C.to(device))
-        out[layer.weight_key] = (W_hat.T if layer.transposed else W_hat).to("cpu", original.dtype).contiguous()
-        if layer.name in awq_stats:
-            m.stats["awq"] = awq_stats[layer.name]
-        metrics.append(m)
-        if quant is not None:
-            grids[layer.name] = dataclasses.replace(quant, scale=quant.scale.cpu(), zero=quant.zero.cpu())
+    with shared_factors():  # layers reading one input (one H tensor) share its factorisation
+        for layer in shard.linears:
+            if not any(s.applies_to(layer.name, layer.router) for s in stages):
+                continue
+            original = tensors[layer.weight_key]
+            W = as_out_in(original, layer).to(device=device, dtype=torch.float32)
+            H, C = hessian_of(layer.name), cross_of(layer.name)
+            W_hat, m, quant = compress_layer(W, layer.name, stages, None if H is None else H.to(device),
+                                             original.dtype, layer.router, None if C is None else C.to(device))
+            out[layer.weight_key] = (W_hat.T if layer.transposed else W_hat).to("cpu", original.dtype).contiguous()
+            if layer.name in awq_stats:
+                m.stats["awq"] = awq_stats[layer.name]
+            metrics.append(m)
+            if quant is not None:
+                grids[layer.name] = dataclasses.replace(quant, scale=quant.scale.cpu(), zero=quant.zero.cpu())
     return ShardResult(shard.index, out, metrics, time.perf_counter() - start, quant=grids)
 
 

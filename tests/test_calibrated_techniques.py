@@ -4,6 +4,7 @@ The inputs X have correlated features (a random mixing matrix) of unequal
 scale, so H is far from diagonal and activation order matters.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -334,6 +335,39 @@ def test_compress_layer_passes_h_to_the_techniques():
     W_hat, metrics, _ = compress_layer(W, "layers.0.q_proj", recipe.stages, hessian(X))
     assert ((W_hat != 0).reshape(OUT, -1, 4).sum(-1) <= 2).all()
     assert metrics.methods == ["sparsegpt", "gptq"] and metrics.bits == 4
+
+
+def test_layers_reading_one_input_share_its_factorisation_with_the_same_bytes(monkeypatch):
+    """Inside shared_factors (the worker's compress loop), q/k/v-like layers handed one H tensor factorise it
+    once and get what they would alone, bit for bit; another H, or other settings, get their own."""
+    from orchestrator.techniques import hessian as hessian_module
+
+    _, X = make_layer(seed=16)
+    H = hessian(X)
+    H[7, :], H[:, 7] = 0, 0  # a dead input: its handling is shared too
+    other = H.clone()  # equal values, another tensor (another input)
+    layers = [make_layer(seed=s)[0] for s in (17, 18, 19)]
+    gptq_in_order = GPTQParams(bits=3, group_size=32, act_order=False)
+    runs = [lambda W, H: gptq(W, GPTQParams(bits=4, group_size=32), H),  # act-order: one factor ...
+            lambda W, H: gptq(W, GPTQParams(bits=4, group_size=32), H),  # ... shared
+            lambda W, H: sparsegpt(W, SparseGPTParams(sparsity=0.5, bits=4, group_size=32), H),  # in order: another ...
+            lambda W, H: gptq(W, gptq_in_order, H),  # ... shared
+            lambda W, H: gptq(W, dataclasses.replace(gptq_in_order, damp=0.1), H),  # another damp: its own
+            lambda W, H: gptq(W, GPTQParams(bits=4, group_size=32), H)]  # another tensor: its own
+    inputs = [(layers[0], H), (layers[1], H), (layers[2], H), (layers[0], H), (layers[1], H), (layers[2], other)]
+    calls = []
+    real = hessian_module.inverse_hessian_cholesky
+    monkeypatch.setattr(hessian_module, "inverse_hessian_cholesky", lambda *a: calls.append(a) or real(*a))
+    alone = [run(W, H) for run, (W, H) in zip(runs, inputs)]
+    assert len(calls) == 6
+    calls.clear()
+    with hessian_module.shared_factors():
+        shared = [run(W, H) for run, (W, H) in zip(runs, inputs)]
+    assert len(calls) == 4
+    for a, b in zip(alone, shared):
+        assert torch.equal(a.weight, b.weight) and a.stats == b.stats
+        assert (a.qweight is None and b.qweight is None) or torch.equal(a.qweight, b.qweight)
+    assert alone[0].stats["dead_columns"] == 1
 
 
 # --- asymmetric calibration (GPTAQ) ----------------------------------------------------------------

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, group_view, int_range
-from orchestrator.techniques.hessian import check_sweep, inverse_hessian_cholesky, prepare
+from orchestrator.techniques.hessian import check_hessian, check_sweep, factor, prepared_hessian, prepared_weight
 from orchestrator.techniques.registry import register
 from orchestrator.techniques.result import LayerResult
 from orchestrator.techniques.rtn import QuantizeParams
@@ -140,20 +140,19 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
     """
     out_features, in_features = W.shape
     g = group_width(in_features, p.group_size)
-    W, H, dead = prepare(W, H, "gptq", p.precision)  # copies in p.precision, dead inputs zeroed
-    if p.asymmetric > 0 and C is not None:
-        W = asymmetric_target(W, H, C.to(W.dtype), p.asymmetric, p.damp)  # dead columns stay 0: C's are 0
+    check_hessian(W, H, "gptq")
+    f = factor(H, p.damp, p.precision, p.act_order, "gptq", W.device)  # shared by the layers reading this input
+    W = prepared_weight(W, f.dead, p.precision)  # a copy in p.precision, dead inputs zeroed
+    if p.asymmetric > 0 and C is not None:  # dead columns stay 0: C's are 0
+        W = asymmetric_target(W, prepared_hessian(H, p.precision, W.device)[0], C.to(W.dtype), p.asymmetric, p.damp)
 
     static = p.act_order  # fit every group up front, on W before any update
     scale, zero = initial_grid(W, g, p, static)  # [out, n_groups] each
-    perm = None
-    if p.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # [in]: position -> column
-        W, H = W[:, perm], H[perm]  # (H in two steps: two [in, in] copies at once, not three)
-        H = H[:, perm]
+    perm, U = f.perm, f.U  # U [in, in] upper, in the sweep's (perm's) order
+    if perm is not None:
+        W = W[:, perm]
     column = perm.tolist() if perm is not None else list(range(in_features))  # position -> original column
 
-    U, damp, raised = inverse_hessian_cholesky(H, p.damp, "gptq")  # [in, in] upper
     qweight = torch.zeros(out_features, in_features, dtype=torch.int32, device=W.device)  # by position
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
     qmin, qmax = int_range(p.bits)
@@ -184,5 +183,5 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
     quant = QuantParams(scale, zero, p.bits, g, p.symmetric)
     return LayerResult(
         weight=dequantize_groups(qweight, quant), quant=quant, qweight=qweight,
-        stats={"damp": damp, "damp_raised": raised, "loss": loss.item(), "dead_columns": int(dead.sum())},
+        stats={"damp": f.damp, "damp_raised": f.raised, "loss": loss.item(), "dead_columns": int(f.dead.sum())},
     )

@@ -11,10 +11,15 @@ diagonal does not depend on how much data was seen). Wanda's per-feature norm
 is read off its diagonal: ||X_j||_2^2 = diag(H)_j * n / 2.
 
 `accumulate_hessian` builds H batch by batch; `inverse_hessian_cholesky` is the
-damped factorisation GPTQ and SparseGPT both start from.
+damped factorisation GPTQ and SparseGPT both start from, and `factor` the part of
+their work that depends on H alone, done once per input under `shared_factors`.
 """
 
 from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 
@@ -60,18 +65,8 @@ def check_sweep(block_size: int, damp: float, precision: str) -> None:
         raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
-def prepare(W: torch.Tensor, H: torch.Tensor | None, method: str,
-            precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Copies of W [out, in] and H [in, in] in `precision`, with the dead inputs handled.
-
-    float32 (GPTQ's and SparseGPT's default, as in the papers' code) halves the
-    cost of the factorisation and the sweep; float64 is there for exactness checks.
-
-    A dead input (diag(H) == 0: the feature was 0 on every calibration token)
-    cannot be measured: its weights are set to 0 (they never contributed on the
-    calibration data) and H gets 1 on that diagonal entry so it stays invertible.
-    Returns (W, H, dead [in] bool). The caller's tensors are not modified.
-    """
+def check_hessian(W: torch.Tensor, H: torch.Tensor | None, method: str) -> None:
+    """H [in, in] fits W [out, in] and is finite (ValueError / RuntimeError naming `method` otherwise)."""
     if H is None:
         raise ValueError(f"{method} needs calibration statistics: H (the layer's input Hessian) is None")
     out_features, in_features = W.shape
@@ -79,13 +74,78 @@ def prepare(W: torch.Tensor, H: torch.Tensor | None, method: str,
         raise ValueError(f"{method}: H is {tuple(H.shape)}, expected [{in_features}, {in_features}] for W {tuple(W.shape)}")
     if not torch.isfinite(H).all():
         raise RuntimeError(f"{method}: H has NaN or infinite entries; the calibration statistics are broken")
-    dtype = PRECISIONS[precision]
-    W = W.to(dtype).clone()  # [out, in]
-    H = H.to(device=W.device, dtype=dtype).clone()  # [in, in]
+
+
+def prepared_hessian(H: torch.Tensor, precision: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of H [in, in] in `precision` on `device`, dead inputs handled -> (H, dead [in] bool).
+
+    float32 (GPTQ's and SparseGPT's default, as in the papers' code) halves the
+    cost of the factorisation and the sweep; float64 is there for exactness checks.
+    A dead input (diag(H) == 0: the feature was 0 on every calibration token)
+    cannot be measured: H gets 1 on that diagonal entry so it stays invertible
+    (and `prepared_weight` sets its weights to 0: they never contributed on the
+    calibration data). The caller's H is not modified.
+    """
+    H = H.to(device=device, dtype=PRECISIONS[precision]).clone()  # [in, in]
     dead = H.diagonal() == 0  # [in]
     H.diagonal()[dead] = 1
+    return H, dead
+
+
+def prepared_weight(W: torch.Tensor, dead: torch.Tensor, precision: str) -> torch.Tensor:
+    """A copy of W [out, in] in `precision`, the dead inputs' columns set to 0."""
+    W = W.to(PRECISIONS[precision]).clone()  # [out, in]
     W[:, dead] = 0
-    return W, H, dead
+    return W
+
+
+@dataclass(frozen=True)
+class Factor:
+    """What a sweep takes from H alone: the same for every layer reading the input H belongs to."""
+
+    U: torch.Tensor  # [in, in] upper: inverse_hessian_cholesky's, rows and columns in the sweep's order
+    perm: torch.Tensor | None  # [in] sweep position -> column (act-order: by decreasing diag(H)); None: in order
+    dead: torch.Tensor  # [in] bool: inputs that were 0 on every calibration token
+    damp: float  # the relative damping that made H invertible
+    raised: bool  # damp had to be raised above the one asked for
+
+
+_SHARED: ContextVar[dict | None] = ContextVar("shared_factors", default=None)
+
+
+@contextlib.contextmanager
+def shared_factors():
+    """Inside, `factor` computes each H's factor once: q/k/v (and gate/up) read one input, so they are
+    handed one H tensor and get its factor from the first of them (the same bits: the same computation
+    on the same H). Holds only the last H's factor (the layers of a group come one after another)."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def factor(H: torch.Tensor, damp: float, precision: str, act_order: bool, method: str,
+           device: torch.device) -> Factor:
+    """H [in, in] (checked: check_hessian) -> its Factor, in `precision` on `device`; shared between the
+    layers that are handed the same H tensor inside `shared_factors`."""
+    shared = _SHARED.get()
+    key = (id(H), damp, precision, act_order, device)
+    if shared is not None and key in shared:
+        return shared[key][1]
+    if shared is not None:
+        shared.clear()  # the previous input's factor goes before this one is computed
+    H_sweep, dead = prepared_hessian(H, precision, device)
+    perm = None
+    if act_order:
+        perm = torch.argsort(H_sweep.diagonal(), descending=True, stable=True)  # [in]: position -> column
+        H_sweep = H_sweep[perm]  # (in two steps: two [in, in] copies at once, not three)
+        H_sweep = H_sweep[:, perm]
+    U, used, raised = inverse_hessian_cholesky(H_sweep, damp, method)
+    result = Factor(U, perm, dead, used, raised)
+    if shared is not None:
+        shared[key] = (H, result)  # H kept alive with its factor, so its id names no other tensor meanwhile
+    return result
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float, method: str, tries: int = 7) -> tuple[torch.Tensor, float, bool]:

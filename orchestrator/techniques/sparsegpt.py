@@ -45,7 +45,7 @@ import torch
 
 from orchestrator.techniques.gptq import dequantize_groups, group_width, initial_grid, updated_columns
 from orchestrator.techniques.grid import QuantParams, dequantize, fit_qparams, quantize
-from orchestrator.techniques.hessian import check_sweep, inverse_hessian_cholesky, prepare
+from orchestrator.techniques.hessian import check_hessian, check_sweep, factor, prepared_weight
 from orchestrator.techniques.magnitude import PruneParams
 from orchestrator.techniques.registry import register
 from orchestrator.techniques.result import LayerResult
@@ -102,11 +102,12 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
     if nm is not None and in_features % nm[1]:
         raise ValueError(f"pattern {p.pattern}: M={nm[1]} does not divide the layer's {in_features} input features")
     g = group_width(in_features, p.group_size) if p.bits is not None else None
-    W, H, dead = prepare(W, H, "sparsegpt", p.precision)  # copies in p.precision, dead inputs zeroed
+    check_hessian(W, H, "sparsegpt")
     if nm is None and p.sparsity == 0 and p.bits is None:
         return LayerResult(weight=W_in.clone(), mask=torch.ones_like(W_in, dtype=torch.bool))
 
-    U, damp, raised = inverse_hessian_cholesky(H, p.damp, "sparsegpt")  # [in, in] upper
+    f = factor(H, p.damp, p.precision, False, "sparsegpt", W.device)  # shared by the layers reading this input
+    W, U = prepared_weight(W, f.dead, p.precision), f.U  # W: a copy in p.precision, dead inputs zeroed; U [in, in] upper
     pruned = torch.zeros(out_features, in_features, dtype=torch.bool, device=W.device)  # decided so far
     Q = torch.zeros_like(W)  # [out, in] the fixed values
     if g is not None:
@@ -146,7 +147,7 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
             Err1[i] = err
         W[:, i2:] -= Err1.T @ U[i1:i2, i2:]  # the lazy update of everything after the block
 
-    stats = {"damp": damp, "damp_raised": raised, "loss": loss.item(), "dead_columns": int(dead.sum())}
+    stats = {"damp": f.damp, "damp_raised": f.raised, "loss": loss.item(), "dead_columns": int(f.dead.sum())}
     if g is None:
         return LayerResult(weight=Q.to(W_in.dtype), mask=~pruned, stats=stats)
     quant = QuantParams(scale, zero, p.bits, g, p.symmetric)
