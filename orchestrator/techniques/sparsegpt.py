@@ -97,8 +97,7 @@ def sparsegpt(W: torch.Tensor, p: SparseGPTParams, H: torch.Tensor | None) -> La
     stats: damp, damp_raised, loss, dead_columns, as gptq's.
     """
     out_features, in_features = W.shape
-    W_in = W
-    nm = p.n_m
+    W_in, nm = W, p.n_m
     if nm is not None and in_features % nm[1]:
         raise ValueError(f"pattern {p.pattern}: M={nm[1]} does not divide the layer's {in_features} input features")
     g = group_width(in_features, p.group_size) if p.bits is not None else None
