@@ -22,14 +22,12 @@ Phases of one shard (a worker holds the shard for all of them):
 Schedule. Parallel calibration: the dense activations chain from shard to shard (shard k's forward needs
 shard k-1's outputs), in `partition.chunks` chunks, so the chain's critical path is about
 sum over blocks (forward + hessians + transfer) / chunks + the last shard's whole work; the run takes
-max(total work / workers, critical path) + a fixed cost (Ray and the workers starting; a calibrated run's
-workers also build blocks and embed before the first block starts). Sequential
+max(total work / workers, critical path) + a fixed cost (Ray and the workers starting). Sequential
 calibration: shard k waits for shard k-1's compression, so the critical path is every shard's work.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -38,9 +36,6 @@ import torch
 
 FIXED_LOCAL_S = 10.5  # measured here (2 workers, tiny-lm, data-free): ray_start 3.9-4.6 s and ~6.3 s of the compress
 # phase beyond the shards' work (two worker processes importing torch, Ray's task start-up)
-CALIBRATION_START_S = 3.5  # measured here: on top of that, a calibrated run's workers build blocks (importing the
-# model's modeling code) and embed the calibration set before the first block: tiny-lm, 2 workers, the first
-# block began 8.6 s into the compress phase, against 4.9 s for a data-free run's whole phase (845e637)
 FIXED_CLUSTER_S = 60.0  # assumed for a described cluster: actors starting on every node, a CUDA context each
 GPU_COLUMN_S = 100e-6  # assumed: one GPTQ sweep column on a GPU, ~10 kernel launches from Python
 GPU_ROW_S = 1e-13  # assumed: the in-block update per column and output row, 64 x 4 bytes at ~3 TB/s
@@ -273,8 +268,6 @@ def forecast_time(recipe, partition, sizes: dict, config, tokens: int, routed_sh
     """The run's time (Schedule), the rates it used, and the bytes its hidden states send between nodes."""
     cfg = recipe.config
     rates = rates_for(cfg.cluster)
-    if tokens and not cfg.cluster.described:
-        rates = dataclasses.replace(rates, fixed_s=rates.fixed_s + CALIBRATION_START_S)
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     workers = min(cfg.cluster.planned_workers, len(partition.shards))
     attention, phases, network = attention_width(config), [], 0.0
