@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from tqdm import tqdm
 
 from orchestrator.assemble import Compressed, Layout, assemble, finish_evaluated, finish_export_folder, shard_commit
@@ -182,16 +182,21 @@ class ExportUnloadable(RunFailed):
 def check_export_loads(plan: Plan, compressed: Compressed, actor=None) -> dict:
     """export.check_loads on a compression actor that is still up (its libraries are imported: seconds
     saved on every run), else in a fresh process (a Ray task): the run succeeds only with an export that
-    transformers loads and that computes what the run evaluated. The driver holds no weights."""
+    transformers loads and that computes what the run evaluated. The driver holds no weights. A kept actor
+    that has died or is restarting (a fault late in the run) hands the check to a fresh process."""
     from orchestrator.export import check_loads
 
     threads = int(max(1, plan.recipe.config.cluster.cpus_per_worker))
-    call = actor.check_loads if actor is not None else ray.remote(num_cpus=threads)(check_loads)
+    args = (str(compressed.export.folder), str(compressed.evaluated.folder), plan.partition.block_prefix,
+            plan.partition.first_expert_block() + 1, plan.partition.task != CAUSAL_LM,
+            plan.recipe.config.model.trust_remote_code, threads)
     try:
-        return ray.get(call.remote(str(compressed.export.folder), str(compressed.evaluated.folder),
-                                   plan.partition.block_prefix, plan.partition.first_expert_block() + 1,
-                                   plan.partition.task != CAUSAL_LM,
-                                   plan.recipe.config.model.trust_remote_code, threads))
+        if actor is not None:
+            try:
+                return ray.get(actor.check_loads.remote(*args))
+            except (RayActorError, ActorUnavailableError) as e:
+                log.warning("the export's check moves to a fresh process: its worker is gone (%s)", type(e).__name__)
+        return ray.get(ray.remote(num_cpus=threads)(check_loads).remote(*args))
     except RayError as e:
         cause = getattr(e, "cause", None) or e
         raise ExportUnloadable(

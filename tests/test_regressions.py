@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -126,6 +127,29 @@ def test_an_export_transformers_cannot_load_fails_the_run(micro_lm, tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["size"]["load_check"]["max_logit_error"] <= 1e-4
     load_export(run_dir / "model")  # the whole model, as a user loads it
+
+
+@pytest.mark.slow
+def test_the_export_check_survives_the_death_of_the_actor_kept_for_it(micro_lm, tmp_path, shared_ray):
+    """The export's check runs on a compression actor kept up for it; when that actor has died (a worker
+    killed late in the run: tests/test_chaos.py's expert-split kill once hit it), the check runs in a fresh
+    process instead of failing the run."""
+    import ray
+
+    from orchestrator.driver import check_export_loads
+    from orchestrator.plan import make_plan
+    from orchestrator.recipe import load_recipe
+    from orchestrator.worker import CompressionWorker
+
+    rtn = REPO / "recipes/rtn-w4g128.yaml"
+    proc = run_cli("run", str(rtn), f"model.path={micro_lm}", "data.eval.enabled=false", *QUIET, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    export = next(p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")) / "model"
+    plan = make_plan(load_recipe(rtn, [f"model.path={micro_lm}", f"output.dir={tmp_path / 'again'}"]), progress=False)
+    kept = CompressionWorker.options(num_cpus=1).remote(1, str(micro_lm), plan.partition.key_to_file)
+    ray.kill(kept)  # the fault: the kept actor is gone
+    compressed = SimpleNamespace(export=SimpleNamespace(folder=export), evaluated=SimpleNamespace(folder=export))
+    assert check_export_loads(plan, compressed, kept)["max_logit_error"] == 0
 
 
 @pytest.mark.slow
