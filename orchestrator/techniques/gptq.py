@@ -141,10 +141,12 @@ def gptq(W: torch.Tensor, p: GPTQParams, H: torch.Tensor | None, C: torch.Tensor
     out_features, in_features = W.shape
     g = group_width(in_features, p.group_size)
     check_hessian(W, H, "gptq")
+    if p.asymmetric > 0 and C is not None:  # before the factor, so as not to hold it too; dead columns stay 0
+        H_target, dead = prepared_hessian(H, p.precision, W.device)
+        W = asymmetric_target(prepared_weight(W, dead, p.precision), H_target, C.to(W.dtype), p.asymmetric, p.damp)
+        del H_target
     f = factor(H, p.damp, p.precision, p.act_order, "gptq", W.device)  # shared by the layers reading this input
     W = prepared_weight(W, f.dead, p.precision)  # a copy in p.precision, dead inputs zeroed
-    if p.asymmetric > 0 and C is not None:  # dead columns stay 0: C's are 0
-        W = asymmetric_target(W, prepared_hessian(H, p.precision, W.device)[0], C.to(W.dtype), p.asymmetric, p.damp)
 
     static = p.act_order  # fit every group up front, on W before any update
     scale, zero = initial_grid(W, g, p, static)  # [out, n_groups] each
