@@ -5,8 +5,9 @@
 The real functions a CompressionWorker calls, on the first --blocks blocks of speed.py's 91M random Llama
 with 128 x 256 calibration tokens (random ids, seed 0) and recipes/gptq-w4g128.yaml, timed one by one:
 reading the shard's tensors (checkpoint.read_keys), building its blocks (capture.build_blocks), running
-them without and with the Hessians (capture.run_blocks), compressing (worker.compress_shard with the
-recipe's stages), and writing the shard (worker.write_files: the evaluated checkpoint and the packed
+them without and with the Hessians (capture.run_blocks; and once more with each H computed as one whole
+X^T X product, as before hessian.add_gram computed the blocks above the diagonal only), compressing
+(worker.compress_shard with the recipe's stages), and writing the shard (worker.write_files: the evaluated checkpoint and the packed
 export). To split compress: the MSE observer alone (grid.fit_qparams on each layer's weight in groups,
 what act-order's static groups fit before the sweep) and GPTQ with the min-max observer instead.
 Each block runs on the previous block's dense outputs, as in parallel calibration.
@@ -53,6 +54,17 @@ def observer_alone(shard, tensors: dict, params) -> None:
         fit_qparams(group_view(W, params.group_size), params.bits, params.symmetric, "float32", params.observer)
 
 
+def whole_products(f):
+    """f() with every H computed as one whole X^T X product (hessian.add_gram's blocks off)."""
+    from orchestrator.techniques import hessian
+
+    saved, hessian.GRAM_BLOCK = hessian.GRAM_BLOCK, 1 << 30
+    try:
+        return f()
+    finally:
+        hessian.GRAM_BLOCK = saved
+
+
 def with_observer(stages: list, observer: str) -> list:
     return [dataclasses.replace(s, params=dataclasses.replace(s.params, observer=observer)) for s in stages]
 
@@ -82,6 +94,7 @@ def profile_blocks(folder: Path, args, timer: Timer) -> int:
         block_in = BlockInputs(hidden, inputs.kwargs)
         timer(FWD, lambda: run_blocks(blocks, block_in))
         hidden_out, H = timer(FWD_H, lambda: run_blocks(blocks, block_in, shard, list(shard.linears)))
+        timer(WHOLE_H, lambda: whole_products(lambda: run_blocks(blocks, block_in, shard, list(shard.linears))))
         result = timer(COMPRESS, lambda: compress_shard(shard, tensors, stages, H.of, torch.device("cpu"), H.cross_of))
         timer(OBSERVER, lambda: observer_alone(shard, tensors, stages[0].params))
         timer(MINMAX, lambda: compress_shard(
@@ -96,6 +109,7 @@ def profile_blocks(folder: Path, args, timer: Timer) -> int:
 FWD, FWD_H, COMPRESS, OBSERVER, MINMAX = ("  forward alone (no Hessians)", "forward + Hessians",
                                          "compress (recipe: GPTQ, MSE observer)", "  MSE observer alone",
                                          "  compress with the min-max observer")
+WHOLE_H = "  forward + Hessians, each H one whole X^T X product (before add_gram)"
 
 
 def rows_of(seconds: dict[str, float], blocks: int) -> list[list]:
@@ -104,8 +118,8 @@ def rows_of(seconds: dict[str, float], blocks: int) -> list[list]:
     total = sum(v for k, v in per.items() if not k.startswith((" ", "embed")))
     derived = {"  Hessians (forward + Hessians - forward alone)": per[FWD_H] - per[FWD],
                "  the rest of compress (factorisation, sweep; compress - observer alone)": per[COMPRESS] - per[OBSERVER]}
-    order = ["read the shard's tensors", "build the blocks", FWD_H, FWD, *list(derived)[:1], COMPRESS, OBSERVER,
-             *list(derived)[1:], MINMAX, "write (evaluated + packed export)"]
+    order = ["read the shard's tensors", "build the blocks", FWD_H, FWD, *list(derived)[:1], WHOLE_H, COMPRESS,
+             OBSERVER, *list(derived)[1:], MINMAX, "write (evaluated + packed export)"]
     values = {**per, **derived}
     rows = [[k, fmt(values[k]), f"{values[k] / total:.0%}"] for k in order]
     embed = next(k for k in seconds if k.startswith("embed"))

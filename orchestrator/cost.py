@@ -5,7 +5,8 @@ Phases of one shard (a worker holds the shard for all of them):
 - read: the shard's weight bytes from storage;
 - forward: the calibration pass, 2 x params x tokens flop (an expert: its share of the tokens), plus the
   attention's 2 x tokens x seq_len x (q/k width + v width) per block;
-- hessians: 2 x tokens x d^2 flop per distinct input of width d (input_stats.expected_input_groups);
+- hessians: hessian.gram_flop per distinct input (input_stats.expected_input_groups): 2 x tokens x d^2,
+  about half that for inputs wide enough to be computed by blocks;
 - factorisation (GPTQ / SparseGPT, per input read: layers that share an input share it): Cholesky, its
   inverse, Cholesky again: 4/3 in^3 flop, counted at half the matmul rate (LAPACK's factorisations run
   slower than a matrix product);
@@ -33,6 +34,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from orchestrator.techniques.hessian import gram_flop
 
 FIXED_LOCAL_S = 10.5  # measured here (2 workers, tiny-lm, data-free): ray_start 3.9-4.6 s and ~6.3 s of the compress
 # phase beyond the shards' work (two worker processes importing torch, Ray's task start-up)
@@ -184,7 +187,7 @@ def shard_work(shard, sizes: dict, stages, tokens: int, seq_len: int, routed_sha
     return Work(
         forward_flop=sum(2 * seen(l) * l.in_features * l.out_features for l in shard.linears)
         + blocks * 2 * tokens * seq_len * attention,
-        hessian_flop=sum(2 * seen(members[0]) * members[0].in_features ** 2 for members in groups.values()),
+        hessian_flop=sum(gram_flop(seen(members[0]), members[0].in_features) for members in groups.values()),
         factorisation_flop=sum(4 / 3 * l.in_features ** 3 for l in factorised(solved)),
         sweep_flop=sum(l.out_features * l.in_features ** 2 for l, _ in solved),
         columns=sum(l.in_features for l, _ in solved),

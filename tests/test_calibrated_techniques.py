@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from orchestrator.techniques import TECHNIQUES
 from orchestrator.techniques.gptq import GPTQParams, gptq
 from orchestrator.techniques.grid import dequantize, fit_qparams, int_range, quantize
-from orchestrator.techniques.hessian import accumulate_hessian
+from orchestrator.techniques.hessian import GRAM_BLOCK, accumulate_hessian, gram_edges, gram_flop
 from orchestrator.techniques.magnitude import PruneParams, magnitude
 from orchestrator.techniques.rtn import QuantizeParams, rtn
 from orchestrator.techniques.sparsegpt import SparseGPTParams, sparsegpt
@@ -113,6 +114,37 @@ def test_accumulate_hessian_is_the_running_mean_over_tokens():
     H3, _ = accumulate_hessian(None, 0, X)
     assert torch.equal(H2, H3)
     assert accumulate_hessian(H2, 7, X[:0]) == (H2, 7)
+
+
+class MatmulFlops(TorchFunctionMode):
+    """Counts the flop of the addmm calls made inside it (torch's FlopCounterMode skips in-place addmm_)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.addmm_, torch.Tensor.addmm, torch.addmm):
+            a, b = args[1], args[2]  # [m, k] @ [k, n]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("width", [2 * GRAM_BLOCK, 1100, 2048])
+def test_a_wide_input_s_hessian_is_computed_by_blocks_above_the_diagonal_and_mirrored(width):
+    """add_gram: the blocks under the diagonal are the ones above it transposed, exactly, the whole H is
+    the float64 running mean, and it costs t * in^2 * (1 + 1 / blocks) flop, not 2 * t * in^2."""
+    X = torch.randn(3, 96, width, generator=torch.Generator().manual_seed(width))
+    H, n = None, 0
+    with MatmulFlops() as counter:
+        for chunk in X.unbind(0):
+            H, n = accumulate_hessian(H, n, chunk)
+    flat = X.reshape(-1, width).double()
+    direct = 2.0 / n * flat.T @ flat
+    torch.testing.assert_close(H.double(), direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
+    first = gram_edges(width)[1]  # where the second block starts
+    assert torch.equal(H[first:, :first], H[:first, first:].T)
+    assert counter.flops == gram_flop(n, width) < 2 * n * width ** 2 * 0.8
 
 
 def test_registry_marks_calibration_needs():

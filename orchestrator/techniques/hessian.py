@@ -30,9 +30,9 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor,
 
     A running mean, updated in place: H <- H * n / (n + t) + (2 / (n + t)) X^T X,
     so the result is (2 / N) sum x x^T over all N tokens seen, whatever the
-    batching. It is kept in float32 (float64 when X is float64): one fused
-    matmul-accumulate per batch, which is most of the cost of calibration for
-    the widest layers. No randomness, so it is deterministic on a device.
+    batching. It is kept in float32 (float64 when X is float64): one symmetric
+    matmul-accumulate per batch (`add_gram`), which is most of the cost of
+    calibration for the widest layers. No randomness, so it is deterministic on a device.
 
     left [..., in] (same tokens): the cross term (2/N) sum l x^T = (2/N) L^T X instead (asymmetric
     calibration's C, gptq.py).
@@ -48,8 +48,39 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor,
         raise ValueError(f"H is {tuple(H.shape)} but the inputs have {X.shape[1]} features")
     if t == 0:
         return H, n
-    H.mul_(n / (n + t)).addmm_(L.T, X.to(H.dtype), alpha=2.0 / (n + t))  # [in, in]
+    H.mul_(n / (n + t))
+    if left is None:
+        add_gram(H, X.to(H.dtype), alpha=2.0 / (n + t))
+    else:
+        H.addmm_(L.T, X.to(H.dtype), alpha=2.0 / (n + t))  # [in, in]
     return H, n + t
+
+
+GRAM_BLOCK = 384  # columns per block of add_gram: narrower blocks run below the matmul rate on this CPU
+
+
+def gram_edges(width: int) -> list[int]:
+    """Where add_gram's column blocks start, and `width`: one block under 2 x GRAM_BLOCK columns."""
+    blocks = max(1, width // GRAM_BLOCK)
+    return [round(i * width / blocks / 32) * 32 for i in range(blocks)] + [width]  # 32-column aligned
+
+
+def gram_flop(tokens: int, width: int) -> float:
+    """The flop `add_gram` spends folding `tokens` inputs of `width` features."""
+    edges = gram_edges(width)
+    return float(sum(2 * tokens * (b - a) * (width - a) for a, b in zip(edges, edges[1:])))
+
+
+def add_gram(H: torch.Tensor, X: torch.Tensor, alpha: float) -> None:
+    """H [in, in] += alpha X^T X for X [t, in], in place, computing only the blocks on and above the
+    diagonal and mirroring the rest: t * in^2 * (1 + 1 / blocks) flop instead of 2 * t * in^2 (in = 2048:
+    5 blocks, 40% fewer). The blocks' products round differently from one whole product, so an H of
+    more than one block is not bit-equal to `H.addmm_(X.T, X)` (inputs narrower than 2 x GRAM_BLOCK:
+    one block, the whole product). Deterministic for a given shape and thread count, as the whole one is."""
+    edges = gram_edges(H.shape[0])
+    for a, b in zip(edges, edges[1:]):
+        H[a:b, a:].addmm_(X[:, a:b].T, X[:, a:], alpha=alpha)  # [b - a, in - a]: the block row from the diagonal
+        H[b:, a:b] = H[a:b, b:].T  # the block column under the diagonal, mirrored
 
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
