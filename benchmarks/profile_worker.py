@@ -7,8 +7,8 @@ with 128 x 256 calibration tokens (random ids, seed 0) and recipes/gptq-w4g128.y
 reading the shard's tensors (checkpoint.read_keys), building its blocks (capture.build_blocks), running
 them without and with the Hessians (capture.run_blocks; and once more with each H computed as one whole
 X^T X product, as before hessian.add_gram computed the blocks above the diagonal only), compressing
-(worker.compress_shard with the recipe's stages), and writing the shard (worker.write_files: the evaluated checkpoint and the packed
-export). To split compress: the MSE observer alone (grid.fit_qparams on each layer's weight in groups,
+(worker.compress_shard with the recipe's stages), and writing the shard (worker.write_files: the
+evaluated checkpoint and the packed export). To split compress: the MSE observer alone (grid.fit_qparams on each layer's weight in groups,
 what act-order's static groups fit before the sweep) and GPTQ with the min-max observer instead.
 Each block runs on the previous block's dense outputs, as in parallel calibration.
 
