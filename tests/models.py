@@ -96,6 +96,17 @@ MOE_BLOCKS = {"mixtral": [0, 1], "qwen2_moe": [0, 1], "deepseek_v3": [1, 2]}  # 
 NUM_EXPERTS = {"mixtral": 4, "qwen2_moe": 4, "deepseek_v3": 12}  # 12: experts 10, 11 sort after 9
 
 
+def save_wide_llama(dest: Path, tokenizer_dir: Path, width: int) -> Path:
+    """A random 2-block Llama (seed 0) whose every Linear input is `width` wide, with micro-lm's tokenizer."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=width, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, dest / name)
+    return dest
+
+
 def save_random_moe(kind: str, dest: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """A random MoE checkpoint saved by transformers itself, with micro-lm's tokenizer (same 512 ids)."""
     torch.manual_seed(seed)

@@ -8,7 +8,9 @@ import torch
 
 from orchestrator.cli import main
 from orchestrator.recipe import load_recipe
+from orchestrator.techniques.hessian import GRAM_BLOCK
 from tests.helpers import REPO, load_export
+from tests.models import save_wide_llama
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +99,21 @@ def test_calibrated_output_bytes_do_not_depend_on_worker_count_or_chunks(tmp_pat
     assert {s["capture_chunks"] for s in one["shards"]} == {1} and {s["capture_chunks"] for s in two["shards"]} == {2}
     files = sorted(p.name for p in (two["dir"] / "model").glob("*.safetensors"))
     assert len(files) == 3
+    for name in files:
+        assert file_sha256(one["dir"] / "model" / name) == file_sha256(two["dir"] / "model" / name), name
+
+
+def test_hessians_computed_by_blocks_give_the_same_bytes_over_worker_counts(tmp_path, micro_lm, shared_ray):
+    """Inputs of 2 x GRAM_BLOCK features take hessian.add_gram's blocked path: one worker (one chunk) and
+    two (two chunks) still write the same bytes."""
+    from orchestrator.checkpoint import file_sha256
+
+    wide = save_wide_llama(tmp_path / "wide", micro_lm, 2 * GRAM_BLOCK)
+    one = run("gptq-w4g128", tmp_path / "one", wide, "cluster.workers=1", "partition.chunks=1")
+    two = run("gptq-w4g128", tmp_path / "two", wide, "cluster.workers=2")
+    assert len({s["worker"]["pid"] for s in two["shards"]}) == 2
+    files = sorted(p.name for p in (two["dir"] / "model").glob("*.safetensors"))
+    assert files
     for name in files:
         assert file_sha256(one["dir"] / "model" / name) == file_sha256(two["dir"] / "model" / name), name
 
