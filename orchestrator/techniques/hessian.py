@@ -40,7 +40,6 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor,
     X = X.reshape(-1, X.shape[-1])  # [t, in]
     if X.dtype != torch.float64:
         X = X.to(torch.float32)
-    L = X if left is None else left.reshape(X.shape).to(X.dtype)  # [t, in]
     t = X.shape[0]
     if H is None:
         H = torch.zeros(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
@@ -49,10 +48,11 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor,
     if t == 0:
         return H, n
     H.mul_(n / (n + t))
+    X = X.to(H.dtype)
     if left is None:
-        add_gram(H, X.to(H.dtype), alpha=2.0 / (n + t))
-    else:
-        H.addmm_(L.T, X.to(H.dtype), alpha=2.0 / (n + t))  # [in, in]
+        add_gram(H, X, alpha=2.0 / (n + t))
+    else:  # [in, in], not symmetric: one whole product
+        H.addmm_(left.reshape(X.shape).to(X.dtype).T, X, alpha=2.0 / (n + t))
     return H, n + t
 
 
