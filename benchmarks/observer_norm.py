@@ -1,15 +1,17 @@
-"""Section 16 (issue 18): the MSE observer's search, stopped early (ours) or over every shrink, and its norm.
+"""Section 16 (issue 18): the MSE observer's search (screened, stopped early: ours; or before), and its norm.
 
     .venv/bin/python benchmarks/observer_norm.py [--layers 28] [--group-size 64] [--smoke]
 
 grid.fit_qparams with observer "mse" on the first --layers Linear weights of SmolLM2-135M's blocks
 (reference:smollm2), W4 symmetric in groups of --group-size (SmolLM2's 576 inputs take 64), one thread:
 its time, and the rounding error of the grids it picks, as the relative squared error
-sum (w - w_hat)^2 / sum w^2 and as sum |w - w_hat|^2.4 (norm 2.4's own objective). Norm 2.5 is
-grid.py's search with |e|^2.5 = e^2 sqrt|e| (two cheap kernels) in place of pow(|e|, 2.4), patched here
-only: a cheaper search that was tried as the default and dropped (RESULTS.md section 16 says why); the
-min-max observer is the floor of both. "Every shrink" is the same search with grid.MSE_PRUNE_MARGIN set to
-infinity, so no group stops early (the search before it could): its grids must be ours, bit for bit.
+sum (w - w_hat)^2 / sum w^2 and as sum |e|^2.4 (norm 2.4's own objective). Ours scores the shrinks with
+exp(2.4 log|e|) and its near-best ones with pow (grid.screened_norm, grid.least_exact); the rows before it
+score every shrink with pow (grid.screened_norm patched here to pow), stopped early or trying "every
+shrink" (grid.MSE_PRUNE_MARGIN set to infinity): their grids must be ours, bit for bit. Norm 2.5 is the
+search with |e|^2.5 = e^2 sqrt|e| (two cheap kernels) in place of |e|^2.4 over every shrink, patched
+here only: a cheaper search that was tried as the default and dropped (RESULTS.md section 16 says why);
+the min-max observer is the floor of all.
 
 Writes results/16-observer-norm.md and .json.
 """
@@ -17,6 +19,7 @@ Writes results/16-observer-norm.md and .json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -24,15 +27,20 @@ from common import Bench, add_args, fmt, resolve_model, table
 
 
 def norm_25_error(Wg, scale, zero, bits):
-    """grid.rounding_error with the cheaper norm: sum |w - w_hat|^2.5 = e^2 sqrt|e| per group."""
-    import torch
+    """grid.rounding_error with the cheaper norm: sum |w - w_hat|^2.5 per group."""
+    from orchestrator.techniques.grid import rounding_residual
 
-    from orchestrator.techniques.grid import int_range
+    return norm_25(rounding_residual(Wg, scale, zero, bits).abs_())
 
-    qmin, qmax = int_range(bits)
-    s, z = scale[..., None], zero[..., None].to(Wg.dtype)
-    err = torch.round(Wg / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(Wg).abs_()
-    return err.square().mul_(err.sqrt_()).sum(-1)
+
+def norm_25(e):
+    """|e| [..., g] -> sum e^2 sqrt|e| over the last axis (grid.screened_norm's place)."""
+    return e.square().mul_(e.sqrt_()).sum(-1)
+
+
+def pow_norm(e):
+    """|e| [..., g] -> sum pow(|e|, 2.4) over the last axis: grid.screened_norm as it was before the screening."""
+    return e.pow_(2.4).sum(-1)
 
 
 def measure(weights: list, group_size: int, observer: str) -> dict:
@@ -58,13 +66,20 @@ def same_grids(a: dict, b: dict) -> bool:
     return all(torch.equal(x, y) for ga, gb in zip(a["grids"], b["grids"]) for x, y in zip(ga, gb))
 
 
-def every_shrink(grid, measure_it) -> dict:
-    """measure_it() with no group stopping early."""
-    margin, grid.MSE_PRUNE_MARGIN = grid.MSE_PRUNE_MARGIN, float("inf")
+@contextlib.contextmanager
+def patched(module, **values):
+    """The module's attributes set to `values` for the duration."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
     try:
-        return measure_it()
+        yield
     finally:
-        grid.MSE_PRUNE_MARGIN = margin
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+OURS = "mse, norm 2.4, screened, stopped early (ours)"
 
 
 def main() -> int:
@@ -84,17 +99,15 @@ def main() -> int:
         state = load_file(folder / "model.safetensors")
         weights = [t.float() for k, t in state.items() if ".layers." in k and k.endswith("proj.weight")]
         weights = weights[:2 if args.smoke else args.layers]
-        ours = grid.rounding_error
         mse = lambda: measure(weights, args.group_size, "mse")  # noqa: E731
-        results = {"minmax": measure(weights, args.group_size, "minmax"),
-                   "mse, norm 2.4, stopped early (ours)": mse(),
-                   "mse, norm 2.4, every shrink (before)": every_shrink(grid, mse)}
-        grid.rounding_error = norm_25_error
-        try:
-            results["mse, norm 2.5, every shrink (tried, dropped)"] = every_shrink(grid, mse)
-        finally:
-            grid.rounding_error = ours
-        ref = results["mse, norm 2.4, stopped early (ours)"]
+        results = {"minmax": measure(weights, args.group_size, "minmax"), OURS: mse()}
+        with patched(grid, screened_norm=pow_norm):
+            results["mse, norm 2.4, pow, stopped early (before)"] = mse()
+        with patched(grid, screened_norm=pow_norm, MSE_PRUNE_MARGIN=float("inf")):
+            results["mse, norm 2.4, pow, every shrink (before that)"] = mse()
+        with patched(grid, screened_norm=norm_25, rounding_error=norm_25_error, MSE_PRUNE_MARGIN=float("inf")):
+            results["mse, norm 2.5, every shrink (tried, dropped)"] = mse()
+        ref = results[OURS]
         rows = [[name, fmt(r["seconds"]), fmt(r["seconds"] / ref["seconds"]),
                  "yes" if same_grids(r, ref) else "no", f"{r['relative_squared_error']:.6f}",
                  fmt(r["relative_squared_error"] / ref["relative_squared_error"], 4), fmt(r["error_norm_24"], 1)]

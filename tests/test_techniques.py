@@ -170,6 +170,33 @@ def test_the_mse_observer_picks_the_shrink_with_the_least_error_in_its_norm(bits
     assert (chosen <= least * (1 + 1e-5)).all(), (chosen / least).max()
 
 
+@pytest.mark.parametrize("bits, symmetric, scale_dtype, g", [(2, False, "float32", 64), (4, True, "float32", 128),
+                                                          (3, False, "bfloat16", 16), (8, True, "float16", 32)])
+def test_the_mse_observer_picks_the_grids_that_pow_over_every_shrink_picks(bits, symmetric, scale_dtype, g):
+    """The search scores shrinks with a cheaper norm (exp of log) and only its near-best ones with pow: its
+    grids must be, bit for bit, those of pow (grid.rounding_error) over all 80 shrinks, the widest of
+    equals, also for groups that are all zero or so small that their errors underflow. (In the 2-bit
+    case two groups' least under the cheaper norm is not pow's.)"""
+    from orchestrator.techniques.grid import MSE_SHRINKS, fit_qparams, range_qparams, rounding_error
+
+    gen = torch.Generator().manual_seed(1)
+    Wg = torch.randn(20000, g, generator=gen) / torch.rand(20000, g, generator=gen).clamp(min=0.05).sqrt()  # [G, g]
+    Wg[0], Wg[1], Wg[2, ::3], Wg[3] = 0, Wg[1] * 1e-18, 0, Wg[3] * 3e-15  # all zero, underflowing errors,
+    # pruned weights, errors about the screening floor
+    scale, zero = fit_qparams(Wg, bits, symmetric, scale_dtype, observer="mse")
+
+    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+    shrinks = torch.tensor(MSE_SHRINKS)[:, None]  # [S, 1]
+    if symmetric:
+        s, z = range_qparams(None, torch.maximum(-lo, hi) * shrinks, bits, scale_dtype)
+    else:
+        s, z = range_qparams(lo * shrinks, hi * shrinks, bits, scale_dtype)
+    error = torch.stack([rounding_error(Wg, s[i], z[i], bits) for i in range(len(s))])  # [S, G]
+    widest = error.min(0).indices  # [G]: the first of the least
+    columns = torch.arange(len(Wg))
+    assert torch.equal(scale, s[widest, columns]) and torch.equal(zero, z[widest, columns])
+
+
 def test_the_mse_observer_keeps_zeros_and_finite_scales():
     W = random_weight()
     W[:4] = 0  # all-zero groups

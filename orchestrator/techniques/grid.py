@@ -53,7 +53,15 @@ MSE_NORM = 2.4  # between the mean-square error and the max error: penalises lar
 MSE_SLICE_ELEMENTS = 2 ** 16  # weights searched at once: groups in slices of about this many (256 KB)
 MSE_CHUNK_ELEMENTS = 2 ** 18  # and shrinks tried at once: buffers of about this many weights (1 MB), so the
 # search stays in the core's cache (one 6 MB buffer per shrink, as before, took twice the time)
-MSE_PRUNE_MARGIN = 1e-4  # a group stops when its clipped weights' error exceeds its best by this fraction
+# The search scores |e|^MSE_NORM as exp(MSE_NORM log max(|e|, SCREEN_FLOOR)) (screened_error): within 2e-5
+# of pow's float32 value, plus at most g x 1e-36 (the floor keeps log off 0 and subnormals, which take
+# torch's slow path: 15 ns an element against 0.5). The shrinks within SCREEN_TOLERANCE of a group's least,
+# or SCREEN_SLACK above it, are then scored with pow (rounding_error), exactly.
+SCREEN_FLOOR = 1e-15
+SCREEN_TOLERANCE = 1e-4
+SCREEN_SLACK = 1e-30
+MSE_PRUNE_MARGIN = 1e-3  # a group stops when its clipped weights' error exceeds its best by this fraction
+# (more than SCREEN_TOLERANCE and both norms' rounding: no shrink that may be the least is left unscored)
 
 
 def fit_qparams(Wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str = "float32",
@@ -86,10 +94,12 @@ def mse_search(Wg: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor, scal
     """Groups Wg [G, g] with their whole-range grid (scale, zero [G]) -> the grid of the shrunk range
     (MSE_SHRINKS) with the least rounding error, the widest of equals.
 
-    The shrinks are tried from the widest down, a few at a time, and a group stops searching once the
-    weights that every shrink left must clip already cost more than its best: the same grids as trying
-    every shrink (a margin covers float32's rounding), in about a third of the time at 4 bits (RESULTS.md
-    section 16)."""
+    The shrinks are tried from the widest down, a few at a time, scored with the cheap norm
+    (screened_error), and a group stops searching once the weights that every shrink left must clip
+    already cost more than its best: a narrower range clips each of them at least as far. The few
+    shrinks that came within SCREEN_TOLERANCE of a group's best are then scored exactly (least_exact):
+    the same grids as scoring every shrink with rounding_error, in a fraction of the time (RESULTS.md
+    section 16 times both)."""
     qmin, qmax = int_range(bits)
     shrinks = torch.tensor(MSE_SHRINKS, device=Wg.device).view(-1, 1)  # [S, 1]
     s, z = range_qparams(None if lo is None else lo * shrinks, hi * shrinks, bits, scale_dtype)  # [S, G]
@@ -97,29 +107,43 @@ def mse_search(Wg: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor, scal
     # [S, G]: the widest bounds of shrink i and every narrower one (a zero point moved by a scale rounded
     # to bfloat16 can take one side further out)
     reach_top, reach_bottom = top.flip(0).cummax(0).values.flip(0), bottom.flip(0).cummin(0).values.flip(0)
-    scale, zero = scale.clone(), zero.clone()
-    best = rounding_error(Wg, scale, zero, bits)  # [G]
+    screened = torch.full_like(s, torch.inf)  # [S, G]: each scored shrink's screened error
+    best = torch.full_like(hi, torch.inf)  # [G]
     live = torch.arange(len(Wg), device=Wg.device)  # the groups still searching
-    first = 1
+    first = 0
     while first < len(MSE_SHRINKS) and len(live):
         W = Wg[live]  # [L, g]
         stop = min(len(MSE_SHRINKS), first + max(1, MSE_CHUNK_ELEMENTS // W.numel()))
-        err, i = rounding_error(W, s[first:stop, live], z[first:stop, live], bits).min(dim=0)  # [L] each
-        better = err < best[live]  # the first least of the chunk: ties keep the wider range
-        won, at = live[better], first + i[better]
-        scale[won], zero[won], best[won] = s[at, won], z[at, won], err[better]
+        err = screened_error(W, s[first:stop, live], z[first:stop, live], bits)  # [stop - first, L]
+        screened[first:stop, live] = err
+        best[live] = torch.minimum(best[live], err.amin(0))
         if stop < len(MSE_SHRINKS):  # every shrink left clips the weights beyond its reach at least as far
             clipped = clipping_error(W, reach_top[stop, live], reach_bottom[stop, live])  # [L]
-            live = live[clipped <= best[live] * (1 + MSE_PRUNE_MARGIN)]
+            live = live[clipped <= best[live] * (1 + MSE_PRUNE_MARGIN) + SCREEN_SLACK]
         first = stop
-    return scale, zero
+    return least_exact(Wg, s, z, screened, best, bits)
+
+
+def least_exact(Wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, screened: torch.Tensor, best: torch.Tensor,
+                bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups Wg [G, g], every shrink's grid (s, z [S, G]) and screened error (inf: not scored), each group's
+    least (best [G]) -> the grid with the least rounding_error among the shrinks screened within
+    SCREEN_TOLERANCE (or SCREEN_SLACK) of the least, the widest of equals ([G] each)."""
+    near = screened.T <= best[:, None] * (1 + SCREEN_TOLERANCE) + SCREEN_SLACK  # [G, S]
+    group, shrink = near.nonzero(as_tuple=True)  # [K] each
+    exact = rounding_error(Wg[group], s[shrink, group], z[shrink, group], bits)  # [K]
+    least = torch.full_like(best, torch.inf).scatter_reduce(0, group, exact, "amin")  # [G]
+    at_least = exact == least[group]
+    columns = torch.arange(len(Wg), device=Wg.device)
+    widest = torch.full_like(columns, len(s)).scatter_reduce(0, group[at_least], shrink[at_least], "amin")  # [G]
+    return s[widest, columns], z[widest, columns]
 
 
 def clipping_error(Wg: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
-    """sum over each group Wg [G, g] of |w - bound|^MSE_NORM for its weights beyond [bottom, top] ([G] each)
-    -> [G]: the clipped weights' share of rounding_error (the others are 0 here)."""
+    """sum over each group Wg [G, g] of |w - bound|^MSE_NORM (screened) for its weights beyond [bottom, top]
+    ([G] each) -> [G]: the clipped weights' share of screened_error (the others are 0 here)."""
     beyond = (Wg - top[:, None]).clamp_(min=0).add_((bottom[:, None] - Wg).clamp_(min=0))  # [G, g]
-    return beyond.pow_(MSE_NORM).sum(-1)
+    return screened_norm(beyond)
 
 
 def range_qparams(lo: torch.Tensor | None, hi: torch.Tensor, bits: int,
@@ -135,14 +159,26 @@ def range_qparams(lo: torch.Tensor | None, hi: torch.Tensor, bits: int,
 
 
 def rounding_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """sum over each group of |w - w_hat|^MSE_NORM for the grid (scale, zero) -> [...].
+    """sum over each group of |w - w_hat|^MSE_NORM for the grid (scale, zero) -> [...]."""
+    return rounding_residual(Wg, scale, zero, bits).abs_().pow_(MSE_NORM).sum(-1)
 
-    quantize then dequantize, in place on one buffer (a fresh tensor per step cost 3.7x the time).
-    """
+
+def screened_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """rounding_error with the screening norm (SCREEN_FLOOR): a third of pow's time on this CPU."""
+    return screened_norm(rounding_residual(Wg, scale, zero, bits).abs_())
+
+
+def screened_norm(e: torch.Tensor) -> torch.Tensor:
+    """|e| [..., g] -> sum of exp(MSE_NORM log max(|e|, SCREEN_FLOOR)) over the last axis, in place."""
+    return e.clamp_(min=SCREEN_FLOOR).log_().mul_(MSE_NORM).exp_().sum(-1)
+
+
+def rounding_residual(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """w_hat - w for the grid (scale, zero) -> [..., g]: quantize then dequantize, in place on one buffer
+    (a fresh tensor per step cost 3.7x the time)."""
     qmin, qmax = int_range(bits)
     s, z = scale[..., None], zero[..., None].to(Wg.dtype)
-    err = torch.round(Wg / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(Wg)  # w_hat - w
-    return err.abs_().pow_(MSE_NORM).sum(-1)
+    return torch.round(Wg / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(Wg)
 
 
 def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
