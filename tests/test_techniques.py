@@ -139,6 +139,17 @@ def test_the_mse_observer_clips_heavy_tails_for_less_error_than_minmax(bits, sym
     assert levels.min() >= lo and levels.max() <= hi
 
 
+def every_shrink(Wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str):
+    """Groups Wg [G, g] -> the grid of each of the MSE observer's shrunk ranges (scale, zero [S, G])."""
+    from orchestrator.techniques.grid import MSE_SHRINKS, range_qparams
+
+    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+    shrinks = torch.tensor(MSE_SHRINKS)[:, None]  # [S, 1]
+    if symmetric:
+        return range_qparams(None, torch.maximum(-lo, hi) * shrinks, bits, scale_dtype)
+    return range_qparams(lo * shrinks, hi * shrinks, bits, scale_dtype)
+
+
 @pytest.mark.parametrize("bits, symmetric, scale_dtype", [(3, True, "float32"), (3, False, "float32"),
                                                          (2, False, "bfloat16")])
 def test_the_mse_observer_picks_the_shrink_with_the_least_error_in_its_norm(bits, symmetric, scale_dtype):
@@ -147,7 +158,7 @@ def test_the_mse_observer_picks_the_shrink_with_the_least_error_in_its_norm(bits
     stops early. With bfloat16 scales and a zero point, a narrower range may reach further on one side
     (the zero moves): the search must not stop on the bounds of the next shrink alone (a few of these
     2-bit groups then lose their best grid)."""
-    from orchestrator.techniques.grid import MSE_NORM, MSE_SHRINKS, fit_qparams, range_qparams
+    from orchestrator.techniques.grid import MSE_NORM, fit_qparams
 
     g = torch.Generator().manual_seed(1)
     Wg = torch.randn(4000, 16, generator=g) / torch.rand(4000, 16, generator=g).clamp(min=0.05).sqrt()  # [G, g]
@@ -159,12 +170,7 @@ def test_the_mse_observer_picks_the_shrink_with_the_least_error_in_its_norm(bits
         q = (torch.round(Wg / s[..., None]) + z[..., None]).clamp(qmin, qmax)
         return ((q - z[..., None]) * s[..., None] - Wg).double().abs().pow(MSE_NORM).sum(-1)
 
-    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
-    shrinks = torch.tensor(MSE_SHRINKS)[:, None]  # [S, 1]
-    if symmetric:
-        s, z = range_qparams(None, torch.maximum(-lo, hi) * shrinks, bits, scale_dtype)
-    else:
-        s, z = range_qparams(lo * shrinks, hi * shrinks, bits, scale_dtype)
+    s, z = every_shrink(Wg, bits, symmetric, scale_dtype)
     least = error(s, z.float()).min(0).values  # [G]
     chosen = error(scale[None], zero[None].float())[0]
     assert (chosen <= least * (1 + 1e-5)).all(), (chosen / least).max()
@@ -177,7 +183,7 @@ def test_the_mse_observer_picks_the_grids_that_pow_over_every_shrink_picks(bits,
     grids must be, bit for bit, those of pow (grid.rounding_error) over all 80 shrinks, the widest of
     equals, also for groups that are all zero or so small that their errors underflow. (In the 2-bit
     case two groups' least under the cheaper norm is not pow's.)"""
-    from orchestrator.techniques.grid import MSE_SHRINKS, fit_qparams, range_qparams, rounding_error
+    from orchestrator.techniques.grid import fit_qparams, rounding_error
 
     gen = torch.Generator().manual_seed(1)
     Wg = torch.randn(20000, g, generator=gen) / torch.rand(20000, g, generator=gen).clamp(min=0.05).sqrt()  # [G, g]
@@ -185,12 +191,7 @@ def test_the_mse_observer_picks_the_grids_that_pow_over_every_shrink_picks(bits,
     # pruned weights, errors about the screening floor
     scale, zero = fit_qparams(Wg, bits, symmetric, scale_dtype, observer="mse")
 
-    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
-    shrinks = torch.tensor(MSE_SHRINKS)[:, None]  # [S, 1]
-    if symmetric:
-        s, z = range_qparams(None, torch.maximum(-lo, hi) * shrinks, bits, scale_dtype)
-    else:
-        s, z = range_qparams(lo * shrinks, hi * shrinks, bits, scale_dtype)
+    s, z = every_shrink(Wg, bits, symmetric, scale_dtype)
     error = torch.stack([rounding_error(Wg, s[i], z[i], bits) for i in range(len(s))])  # [S, G]
     widest = error.min(0).indices  # [G]: the first of the least
     columns = torch.arange(len(Wg))
