@@ -84,15 +84,14 @@ def fit_qparams(Wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str =
     step = max(1, MSE_SLICE_ELEMENTS // g)  # groups per slice; each group's search is its own
     for a in range(0, len(groups), step):
         b = a + step
-        scale[a:b], zero[a:b] = mse_search(groups[a:b], None if lo is None else lo[a:b], hi[a:b], scale[a:b],
-                                           zero[a:b], bits, scale_dtype)
+        scale[a:b], zero[a:b] = mse_search(groups[a:b], None if lo is None else lo[a:b], hi[a:b], bits, scale_dtype)
     return scale.reshape(Wg.shape[:-1]), zero.reshape(Wg.shape[:-1])
 
 
-def mse_search(Wg: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor, scale: torch.Tensor,
-               zero: torch.Tensor, bits: int, scale_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Groups Wg [G, g] with their whole-range grid (scale, zero [G]) -> the grid of the shrunk range
-    (MSE_SHRINKS) with the least rounding error, the widest of equals.
+def mse_search(Wg: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor, bits: int,
+               scale_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups Wg [G, g] with their range (lo, hi [G]; lo None: symmetric, hi the absmax) -> the grid of the
+    shrunk range (MSE_SHRINKS) with the least rounding error, the widest of equals ([G] each).
 
     The shrinks are tried from the widest down, a few at a time, scored with the cheap norm
     (screened_error), and a group stops searching once the weights that every shrink left must clip
@@ -164,7 +163,8 @@ def rounding_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
 
 
 def screened_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """rounding_error with the screening norm (SCREEN_FLOOR): a third of pow's time on this CPU."""
+    """rounding_error with the screening norm (SCREEN_FLOOR), whose kernels take about a third of pow's
+    time on this CPU."""
     return screened_norm(rounding_residual(Wg, scale, zero, bits).abs_())
 
 
