@@ -19,9 +19,9 @@ Writes results/16-observer-norm.md and .json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
+from unittest.mock import patch
 
 from common import Bench, add_args, fmt, resolve_model, table
 
@@ -66,19 +66,6 @@ def same_grids(a: dict, b: dict) -> bool:
     return all(torch.equal(x, y) for ga, gb in zip(a["grids"], b["grids"]) for x, y in zip(ga, gb))
 
 
-@contextlib.contextmanager
-def patched(module, **values):
-    """The module's attributes set to `values` for the duration."""
-    saved = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
 OURS = "mse, norm 2.4, screened, stopped early (ours)"
 
 
@@ -101,11 +88,11 @@ def main() -> int:
         weights = weights[:2 if args.smoke else args.layers]
         mse = lambda: measure(weights, args.group_size, "mse")  # noqa: E731
         results = {"minmax": measure(weights, args.group_size, "minmax"), OURS: mse()}
-        with patched(grid, screened_norm=pow_norm):
+        with patch.multiple(grid, screened_norm=pow_norm):
             results["mse, norm 2.4, pow, stopped early (before)"] = mse()
-        with patched(grid, screened_norm=pow_norm, MSE_PRUNE_MARGIN=float("inf")):
+        with patch.multiple(grid, screened_norm=pow_norm, MSE_PRUNE_MARGIN=float("inf")):
             results["mse, norm 2.4, pow, every shrink (before that)"] = mse()
-        with patched(grid, screened_norm=norm_25, rounding_error=norm_25_error, MSE_PRUNE_MARGIN=float("inf")):
+        with patch.multiple(grid, screened_norm=norm_25, rounding_error=norm_25_error, MSE_PRUNE_MARGIN=float("inf")):
             results["mse, norm 2.5, every shrink (tried, dropped)"] = mse()
         ref = results[OURS]
         rows = [[name, fmt(r["seconds"]), fmt(r["seconds"] / ref["seconds"]),
