@@ -94,7 +94,11 @@ def measured(tmp_path_factory, micro_lm) -> dict:
     """Each model of MODELS run from the command line (a fresh driver process) against a Ray of this
     test's own, whose object store the test watches; -> {name: (report, object store peak, model bytes)}."""
     tmp = tmp_path_factory.mktemp("plan-vs-measured")
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    # Ray frees released objects in batches, each second by default; this test's small models make up to
+    # three 4 MB chunks within one (planner.py), so its Ray frees them every 50 ms: the store then holds
+    # what the run holds, which is what the plan predicts
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING",
+             _system_config={"free_objects_period_milliseconds": 50})
     out = {}
     try:
         for name, (config, overrides) in MODELS.items():
@@ -114,6 +118,11 @@ def measured(tmp_path_factory, micro_lm) -> dict:
     return out
 
 
+def ratio_to_band(measured: int, low: int, high: int) -> float:
+    """measured / the nearest end of [low, high]; 1 inside it."""
+    return measured / min(max(measured, low), high)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_memory_predictions_hold(measured, name):
@@ -121,9 +130,15 @@ def test_memory_predictions_hold(measured, name):
     whole process (VmHWM), the workers' (ru_maxrss), the object store's (sampled)."""
     report, store_peak, _ = measured[name]
     plan, memory = report["plan"], report["memory"]
+    config = MODELS[name][0]
+    # an expert-split block's combine output sits beside its input and its parts' outputs only from its
+    # return until Ray releases its arguments (milliseconds), which sampling every 50 ms sees or not: the
+    # peak is held to the band between the plan without that output and the plan
+    combine_output = 32 * 128 * config.hidden_size * 4 if isinstance(config, MixtralConfig) else 0
     ratios = {"driver": memory["driver_peak_rss_bytes"] / plan["driver_bytes"],
               "worker": memory["worker_peak_rss_bytes"] / plan["worker_bytes"],
-              "object store": store_peak / plan["object_store_bytes"]}
+              "object store": ratio_to_band(store_peak, plan["object_store_bytes"] - combine_output,
+                                            plan["object_store_bytes"])}
     tolerance = EXPERT_SPLIT_TOLERANCE if "experts_per_shard" in str(MODELS[name][1]) else TOLERANCE
     assert all(abs(r - 1) <= tolerance for r in ratios.values()), (ratios, plan, memory, store_peak)
     if name == "moe-split":  # every MoE block in 4 parts of 2 experts
