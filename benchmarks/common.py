@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -270,6 +271,15 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def fmt(x, nd: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def spread(values: list[float], nd: int = 1) -> str:
+    """'median (min-max)', or the value alone when there is one."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    med = statistics.median(values)
+    return fmt(med, nd) if len(values) == 1 else f"{fmt(med, nd)} ({fmt(min(values), nd)}-{fmt(max(values), nd)})"
 
 
 def mb(n_bytes) -> str:

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, Bench, add_args, fmt, parse_shape, random_llama, resolve_model, table
+from common import ROOT, Bench, add_args, fmt, parse_shape, random_llama, resolve_model, spread, table
 from compare_llmcompressor import (PEER_PYTHON, check_same_calibration, exclusive, ratio, run_ours, run_peer,
                                    save_calibration)
 
@@ -93,15 +93,6 @@ def calibration_flops(config: dict, samples: int, seq_len: int, block_size: int 
 def shard_work(report: dict) -> float:
     """The workers' own seconds on the shards (calibration capture + compression), summed over shards."""
     return sum(s.get("seconds", 0) + s.get("capture_seconds", 0) for s in report.get("shards", []))
-
-
-def spread(values: list[float], nd: int = 1) -> str:
-    """'median (min-max)', or the value alone when there is one."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    med = statistics.median(values)
-    return fmt(med, nd) if len(values) == 1 else f"{fmt(med, nd)} ({fmt(min(values), nd)}-{fmt(max(values), nd)})"
 
 
 def median(values):
