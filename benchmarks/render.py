@@ -71,6 +71,10 @@ def stale() -> list[str]:
         if not commit:
             out.append(f"{path.name}: no commit recorded")
             continue
+        known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, capture_output=True)
+        if known.returncode != 0:
+            out.append(f"{path.name}: measured at {commit[:10]}, a commit not in this clone's history")
+            continue
         diff = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", "orchestrator"], cwd=ROOT)
         if diff.returncode != 0:
             out.append(f"{path.name}: measured at {commit[:10]}; orchestrator/ has changed since")
