@@ -55,7 +55,8 @@ MODELS = {
                                 num_experts_per_tok=2), ["partition.experts_per_shard=2"]),
 }
 EXPERT_SPLIT_TOLERANCE = 0.20
-CALIBRATION_TOKENS = 32 * 128  # data.calibration.num_samples=32 below, the recipe's seq_len 128
+CALIBRATION_SAMPLES = 32
+CALIBRATION_TOKENS = CALIBRATION_SAMPLES * 128  # the recipe's seq_len 128
 
 
 def save_random(config, dest, tokenizer_dir) -> None:
@@ -108,7 +109,7 @@ def measured(tmp_path_factory, micro_lm) -> dict:
             with object_store_peak() as store:
                 proc = run_cli("run", RECIPE, f"model.path={model_dir}", "cluster.workers=2",
                                f"cluster.address={ray.get_runtime_context().gcs_address}",
-                               *overrides, "data.calibration.num_samples=32",
+                               *overrides, f"data.calibration.num_samples={CALIBRATION_SAMPLES}",
                                "data.eval.enabled=false", "tracking.enabled=false", f"output.dir={tmp}/runs",
                                f"output.name={name}", "--quiet", cwd=tmp, timeout=900)
             assert proc.returncode == 0, proc.stderr[-3000:]
