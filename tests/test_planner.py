@@ -56,6 +56,12 @@ MODELS = {
 }
 EXPERT_SPLIT_TOLERANCE = 0.20
 CALIBRATION_SAMPLES = 32
+# Ray frees released objects in batches, each second by default (`free_objects_period_milliseconds`).
+# The sequential plan counts a shard's input beside its output, which coexist from the shard's return
+# until the next batch: at Ray's default that lasts long enough for sampling every 50 ms to see it
+# (at 50 ms batches it mostly did not, under load). The other plans count only what the run holds, and
+# their small models make chunks faster than a second (planner.py), so their Ray frees every 50 ms.
+FREE_PERIOD_MS = {"70MB": 1000, "1.8GB": 50, "moe-split": 50}
 CALIBRATION_TOKENS = CALIBRATION_SAMPLES * 128  # the recipe's seq_len 128
 
 
@@ -96,27 +102,24 @@ def measured(tmp_path_factory, micro_lm) -> dict:
     """Each model of MODELS run from the command line (a fresh driver process) against a Ray of this
     test's own, whose object store the test watches; -> {name: (report, object store peak, model bytes)}."""
     tmp = tmp_path_factory.mktemp("plan-vs-measured")
-    # Ray frees released objects in batches, each second by default; this test's small models make up to
-    # three 4 MB chunks within one (planner.py), so its Ray frees them every 50 ms: the store then holds
-    # what the run holds, which is what the plan predicts
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING",
-             _system_config={"free_objects_period_milliseconds": 50})
     out = {}
-    try:
-        for name, (config, overrides) in MODELS.items():
-            model_dir = tmp / name
-            save_random(copy.deepcopy(config), model_dir, micro_lm)
+    for name, (config, overrides) in MODELS.items():
+        model_dir = tmp / name
+        save_random(copy.deepcopy(config), model_dir, micro_lm)
+        ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING",
+                 _system_config={"free_objects_period_milliseconds": FREE_PERIOD_MS[name]})
+        try:
             with object_store_peak() as store:
                 proc = run_cli("run", RECIPE, f"model.path={model_dir}", "cluster.workers=2",
                                f"cluster.address={ray.get_runtime_context().gcs_address}",
                                *overrides, f"data.calibration.num_samples={CALIBRATION_SAMPLES}",
                                "data.eval.enabled=false", "tracking.enabled=false", f"output.dir={tmp}/runs",
                                f"output.name={name}", "--quiet", cwd=tmp, timeout=900)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            report = json.loads((tmp / "runs" / name / "report.json").read_text())
-            out[name] = report, store[0], sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    finally:
-        ray.shutdown()
+        finally:
+            ray.shutdown()
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((tmp / "runs" / name / "report.json").read_text())
+        out[name] = report, store[0], sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     return out
 
 
