@@ -56,13 +56,13 @@ MODELS = {
 }
 EXPERT_SPLIT_TOLERANCE = 0.20
 CALIBRATION_SAMPLES = 32
+CALIBRATION_TOKENS = CALIBRATION_SAMPLES * 128  # the recipe's seq_len 128
 # Ray frees released objects in batches, each second by default (`free_objects_period_milliseconds`).
 # The sequential plan counts a shard's input beside its output, which coexist from the shard's return
-# until the next batch: at Ray's default that lasts long enough for sampling every 50 ms to see it
-# (at 50 ms batches it mostly did not, under load). The other plans count only what the run holds, and
-# their small models make chunks faster than a second (planner.py), so their Ray frees every 50 ms.
+# until the next batch: at Ray's default that lasts long enough for sampling every 50 ms to see it (with
+# 50 ms batches a fresh-clone `.ci/run` missed it, under load). The other plans count only what the run
+# holds, and their small models make chunks faster than a second (planner.py): their Ray frees every 50 ms.
 FREE_PERIOD_MS = {"70MB": 1000, "1.8GB": 50, "moe-split": 50}
-CALIBRATION_TOKENS = CALIBRATION_SAMPLES * 128  # the recipe's seq_len 128
 
 
 def save_random(config, dest, tokenizer_dir) -> None:
