@@ -70,6 +70,16 @@ class Measured:
     samples: int
     log: str
     procs_at_peak: list[str] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds (user + system) by process_kind
+
+
+def process_kind(proc: psutil.Process, root: psutil.Process) -> str:
+    """The command's own process, our Ray actors (ray::CompressionWorker...), or Ray's other processes
+    (GCS, raylet, agents, monitors, task workers)."""
+    if proc.pid == root.pid:
+        return "command"
+    title = (proc.cmdline() or [""])[0]
+    return "workers" if title.startswith("ray::CompressionWorker") else "ray"
 
 
 def _tree(root: psutil.Process) -> list[psutil.Process]:
@@ -81,7 +91,8 @@ def _tree(root: psutil.Process) -> list[psutil.Process]:
 
 def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = None,
                  interval: float = 0.1, pss_every: int = 10) -> Measured:
-    """Run cmd to completion; wall time and peak summed RSS (and PSS) of its whole process tree."""
+    """Run cmd to completion; wall time, peak summed RSS (and PSS) of its whole process tree, and the CPU
+    seconds of its processes by kind (each process's at its last sample: up to `interval` short)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
@@ -91,6 +102,7 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
         pss_ok = True
         peak_procs = samples = 0
         at_peak: list[str] = []
+        cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds at its last sample)
         while proc.poll() is None:
             procs = _tree(root)
             rss = 0
@@ -100,6 +112,8 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
                     r = p.memory_info().rss
                     rss += r
                     names.append(f"{p.pid}:{p.name()}:{r >> 20}MB")
+                    t = p.cpu_times()
+                    cpu[p.pid] = (cpu[p.pid][0] if p.pid in cpu else process_kind(p, root), t.user + t.system)
                 except psutil.Error:
                     pass
             if rss > peak_rss:
@@ -119,8 +133,11 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
             samples += 1
             time.sleep(interval)
         wall = time.perf_counter() - t0
+    by_kind: dict[str, float] = {}
+    for kind, seconds in cpu.values():
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
     return Measured(cmd, proc.returncode, wall, peak_rss / 2**20, peak_pss / 2**20 if pss_ok else None,
-                    peak_procs, samples, str(log_path), at_peak)
+                    peak_procs, samples, str(log_path), at_peak, by_kind)
 
 
 # ---------------------------------------------------------------- the two tools

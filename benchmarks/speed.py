@@ -11,12 +11,15 @@ against our report.json), three cases run one after another, --repeats times:
   ours, 2 workers  cluster.workers=2 cluster.cpus_per_worker=1
   llm-compressor   benchmarks/.peer-venv, oneshot at its defaults (compare_llmcompressor.run_peer)
 Each: whole-process wall time, peak summed RSS and PSS of its process tree (compare_llmcompressor.run_measured),
-our report.json's timing phases; medians and min-max over the repeats.
+our report.json's timing phases, and where the cores' seconds went: the CPU seconds of the command's own
+process, of our worker actors and of Ray's other processes, against wall x cores (the rest: idle);
+medians and min-max over the repeats.
 
 The matmul limit: the calibration work's floating-point operations (calibration_flops) divided by the
 float32 matmul rate this machine reaches with 2 threads (matmul_rate, measured here before and after
 the runs; the higher counts). Ray's fixed cost: a data-free run (RTN W4 g128 on reference:tiny-lm,
-1 and 2 workers): the whole wall minus its compress phase.
+1 and 2 workers): the whole wall minus its compress phase, with the same CPU seconds by process, and the
+wall time of a fresh Python process that only imports what a driver (a worker) imports.
 
 Writes results/16-speed.md, 16-limit.md, 16-fixed-cost.md (each with its .json). The per-phase worker
 profile is benchmarks/profile_worker.py (results/16-profile.md).
@@ -26,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, Bench, add_args, fmt, parse_shape, random_llama, resolve_model, spread, table
+from common import ROOT, Bench, add_args, clean_env, fmt, parse_shape, random_llama, resolve_model, spread, table
 from compare_llmcompressor import (PEER_PYTHON, check_same_calibration, exclusive, ratio, run_ours, run_peer,
                                    save_calibration)
 
@@ -114,7 +119,8 @@ def run_case(case: str, model_dir: Path, work: Path, calib: Path, digest: str, b
         phases = report["timing"]["phases"]
         core, extra = phases.get("compress"), {"cluster": report.get("cluster"), "work_s": shard_work(report)}
     return {"case": case, "wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb, "peak_pss_mb": m.peak_pss_mb,
-            "peak_procs": m.peak_procs, "core_s": core, "phases": phases, "log": m.log, "cmd": m.cmd, **extra}
+            "peak_procs": m.peak_procs, "core_s": core, "phases": phases, "cpu_s": m.cpu_s, "log": m.log, "cmd": m.cmd,
+            **extra}
 
 
 def prepare_model(label: str, shape: str, args, tokenizer: Path) -> dict:
@@ -158,11 +164,48 @@ def fixed_cost(args, tokenizer_model: Path) -> list[dict]:
                                     ["data.eval.enabled=false", f"cluster.cpus_per_worker={cpus}"], workers,
                                     f"w{workers}-r{repeat}")
             out.append({"workers": workers, "repeat": repeat, "wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb,
-                        "phases": report["timing"]["phases"], "work_s": shard_work(report)})
+                        "phases": report["timing"]["phases"], "work_s": shard_work(report), "cpu_s": m.cpu_s})
+    return out
+
+
+IMPORTS = {"driver": "import orchestrator.plan, orchestrator.driver",  # what `orchestrator run` imports
+           "worker": "import orchestrator.worker"}  # what each worker actor imports
+
+
+def import_seconds(repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of a fresh Python process that only imports what a driver / a worker imports."""
+    out: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for name, code in IMPORTS.items():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), check=True)
+            out.setdefault(name, []).append(time.perf_counter() - t0)
     return out
 
 
 # ---------------------------------------------------------------- tables
+
+CPU_KINDS = {"command": "the command's own process s (ours: the driver)", "workers": "worker actors s",
+             "ray": "Ray's other processes s"}
+
+
+CORES = len(os.sched_getaffinity(0))
+CPU_NOTE = ("each process's user + system CPU seconds at its last sample, every 0.1 s, summed by kind; idle: "
+            "wall x cores less all of them")
+
+
+def cores_table(groups: dict[str, list[dict]], first: str, cores: int) -> str:
+    """Where the cores' seconds went, per group of runs (medians): wall x cores against each kind of
+    process's CPU seconds (compare_llmcompressor.process_kind); idle is what no process of the run used."""
+    rows = []
+    for key, rs in groups.items():
+        idle = [r["wall_s"] * cores - sum(r["cpu_s"].values()) for r in rs]
+        rows.append([key, fmt(median([r["wall_s"] for r in rs]), 1), fmt(median([r["wall_s"] * cores for r in rs]), 1),
+                     *(fmt(median([r["cpu_s"].get(k, 0.0) for r in rs]), 1) for k in CPU_KINDS),
+                     fmt(median([r.get("work_s") for r in rs]), 1), fmt(median(idle), 1)])
+    return table([first, "wall s", f"wall x {cores} cores s", *CPU_KINDS.values(),
+                  "of the workers': shards' work s", "idle s"], rows)
+
 
 def speed_table(models: list[dict], runs: list[dict], limits: dict) -> str:
     rows = []
@@ -272,9 +315,12 @@ def measure(args, shapes: dict, bench: Bench) -> int:
                  "core / limit divide by it). Issue 18's goals, for reading the ratios: ours with 2 workers <= 0.6x "
                  "the peer's wall, with 1 worker <= 1.0x, and <= 1.5x the limit.")
         data = {"models": models, "runs": runs, "limits": limits, "repeats": args.repeats}
+        groups = {f"{r['model']}, {r['case']}": [x for x in runs if (x["model"], x["case"]) == (r["model"], r["case"])]
+                  for r in runs}
         bench.write(args.results / "16-speed.md", "Speed against the peer and the matmul limit",
                     speed_table(models, runs, limits) + "\n\nOur report.json's phases (medians):\n\n"
-                    + phases_table(runs), data, notes)
+                    + phases_table(runs) + f"\n\nWhere the cores' seconds went (medians; {CPU_NOTE}):\n\n"
+                    + cores_table(groups, "model, case", CORES), data, notes)
         bench.write(args.results / "16-limit.md", "The matmul limit of the calibration work",
                     limit_table(models, limits), data, calibration_flops.__doc__.split("\n", 1)[1].replace("\n    ", "\n")
                     + f"\nMatmul rate: 2048 x 2048 float32, 2 threads, ~1 s, measured {len(rates)} times "
@@ -287,8 +333,14 @@ def measure(args, shapes: dict, bench: Bench) -> int:
     write()
     if not args.no_fixed:
         fixed = fixed_cost(args, tiny)
+        imports = import_seconds(args.repeats)
+        groups = {f"{w}": [r for r in fixed if r["workers"] == w] for w in dict.fromkeys(r["workers"] for r in fixed)}
         bench.write(args.results / "16-fixed-cost.md", "Ray's fixed cost per run",
-                    fixed_table(fixed), {"runs": fixed},
+                    fixed_table(fixed) + f"\n\nWhere the cores' seconds went (medians; {CPU_NOTE}):\n\n"
+                    + cores_table(groups, "workers", CORES) + "\n\nA fresh Python process that only imports "
+                    "what one process of a run imports (torch, transformers' model classes, Ray), wall s: "
+                    + ", ".join(f"the {k}'s `{IMPORTS[k]}` {spread(v)}" for k, v in imports.items()) + ".",
+                    {"runs": fixed, "imports_s": imports},
                     f"`orchestrator run recipes/{FIXED_RECIPE}.yaml` on reference:tiny-lm (data-free, evaluation "
                     "off), 1 worker with 2 CPUs and 2 workers with 1 each; median (min-max). The fixed cost is "
                     "the whole wall minus the compress phase (which itself includes starting the worker actors: "
