@@ -102,7 +102,8 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
         pss_ok = True
         peak_procs = samples = 0
         at_peak: list[str] = []
-        cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds at its last sample)
+        cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds) at its last sample (an actor's
+        # process starts as a plain Ray worker and takes the actor's title once it is one)
         while proc.poll() is None:
             procs = _tree(root)
             rss = 0
@@ -113,7 +114,7 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
                     rss += r
                     names.append(f"{p.pid}:{p.name()}:{r >> 20}MB")
                     t = p.cpu_times()
-                    cpu[p.pid] = (cpu[p.pid][0] if p.pid in cpu else process_kind(p, root), t.user + t.system)
+                    cpu[p.pid] = (process_kind(p, root), t.user + t.system)
                 except psutil.Error:
                     pass
             if rss > peak_rss:
