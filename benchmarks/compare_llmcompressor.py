@@ -73,13 +73,15 @@ class Measured:
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds (user + system) by process_kind
 
 
-def process_kind(proc: psutil.Process, root: psutil.Process) -> str:
+def process_kind(proc: psutil.Process, root: psutil.Process) -> str | None:
     """The command's own process, our Ray actors (ray::CompressionWorker...), or Ray's other processes
-    (GCS, raylet, agents, monitors, task workers)."""
+    (GCS, raylet, agents, monitors, task workers); None for a process that shows no title (exiting)."""
     if proc.pid == root.pid:
         return "command"
-    title = (proc.cmdline() or [""])[0]
-    return "workers" if title.startswith("ray::CompressionWorker") else "ray"
+    title = proc.cmdline()
+    if not title:
+        return None
+    return "workers" if title[0].startswith("ray::CompressionWorker") else "ray"
 
 
 def _tree(root: psutil.Process) -> list[psutil.Process]:
@@ -103,7 +105,8 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
         peak_procs = samples = 0
         at_peak: list[str] = []
         cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds) at its last sample (an actor's
-        # process starts as a plain Ray worker and takes the actor's title once it is one)
+        # process starts as a plain Ray worker and takes the actor's title once it is one; an exiting one
+        # shows none and keeps its kind)
         while proc.poll() is None:
             procs = _tree(root)
             rss = 0
@@ -114,7 +117,8 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
                     rss += r
                     names.append(f"{p.pid}:{p.name()}:{r >> 20}MB")
                     t = p.cpu_times()
-                    cpu[p.pid] = (process_kind(p, root), t.user + t.system)
+                    kind = process_kind(p, root) or cpu.get(p.pid, ("ray",))[0]
+                    cpu[p.pid] = (kind, t.user + t.system)
                 except psutil.Error:
                     pass
             if rss > peak_rss:
