@@ -187,23 +187,23 @@ def import_seconds(repeats: int) -> dict[str, list[float]]:
 
 CPU_KINDS = {"command": "the command's own process s (ours: the driver)", "workers": "worker actors s",
              "ray": "Ray's other processes s"}
-
-
 CORES = len(os.sched_getaffinity(0))
 CPU_NOTE = ("each process's user + system CPU seconds at its last sample, every 0.1 s, summed by kind; idle: "
             "wall x cores less all of them")
 
 
-def cores_table(groups: dict[str, list[dict]], first: str, cores: int) -> str:
-    """Where the cores' seconds went, per group of runs (medians): wall x cores against each kind of
-    process's CPU seconds (compare_llmcompressor.process_kind); idle is what no process of the run used."""
+def cores_table(runs: list[dict], group, first: str) -> str:
+    """Where the cores' seconds went, per group of runs (group(run) -> its label; medians): wall x cores
+    against each kind of process's CPU seconds (compare_llmcompressor.process_kind); idle is what no
+    process of the run used."""
     rows = []
-    for key, rs in groups.items():
-        idle = [r["wall_s"] * cores - sum(r["cpu_s"].values()) for r in rs]
-        rows.append([key, fmt(median([r["wall_s"] for r in rs]), 1), fmt(median([r["wall_s"] * cores for r in rs]), 1),
+    for key in dict.fromkeys(map(group, runs)):
+        rs = [r for r in runs if group(r) == key]
+        idle = [r["wall_s"] * CORES - sum(r["cpu_s"].values()) for r in rs]
+        rows.append([key, fmt(median([r["wall_s"] for r in rs]), 1), fmt(median([r["wall_s"] * CORES for r in rs]), 1),
                      *(fmt(median([r["cpu_s"].get(k, 0.0) for r in rs]), 1) for k in CPU_KINDS),
                      fmt(median([r.get("work_s") for r in rs]), 1), fmt(median(idle), 1)])
-    return table([first, "wall s", f"wall x {cores} cores s", *CPU_KINDS.values(),
+    return table([first, "wall s", f"wall x {CORES} cores s", *CPU_KINDS.values(),
                   "of the workers': shards' work s", "idle s"], rows)
 
 
@@ -315,12 +315,10 @@ def measure(args, shapes: dict, bench: Bench) -> int:
                  "core / limit divide by it). Issue 18's goals, for reading the ratios: ours with 2 workers <= 0.6x "
                  "the peer's wall, with 1 worker <= 1.0x, and <= 1.5x the limit.")
         data = {"models": models, "runs": runs, "limits": limits, "repeats": args.repeats}
-        groups = {f"{r['model']}, {r['case']}": [x for x in runs if (x["model"], x["case"]) == (r["model"], r["case"])]
-                  for r in runs}
         bench.write(args.results / "16-speed.md", "Speed against the peer and the matmul limit",
                     speed_table(models, runs, limits) + "\n\nOur report.json's phases (medians):\n\n"
                     + phases_table(runs) + f"\n\nWhere the cores' seconds went (medians; {CPU_NOTE}):\n\n"
-                    + cores_table(groups, "model, case", CORES), data, notes)
+                    + cores_table(runs, lambda r: f"{r['model']}, {r['case']}", "model, case"), data, notes)
         bench.write(args.results / "16-limit.md", "The matmul limit of the calibration work",
                     limit_table(models, limits), data, calibration_flops.__doc__.split("\n", 1)[1].replace("\n    ", "\n")
                     + f"\nMatmul rate: 2048 x 2048 float32, 2 threads, ~1 s, measured {len(rates)} times "
@@ -334,10 +332,9 @@ def measure(args, shapes: dict, bench: Bench) -> int:
     if not args.no_fixed:
         fixed = fixed_cost(args, tiny)
         imports = import_seconds(args.repeats)
-        groups = {f"{w}": [r for r in fixed if r["workers"] == w] for w in dict.fromkeys(r["workers"] for r in fixed)}
         bench.write(args.results / "16-fixed-cost.md", "Ray's fixed cost per run",
                     fixed_table(fixed) + f"\n\nWhere the cores' seconds went (medians; {CPU_NOTE}):\n\n"
-                    + cores_table(groups, "workers", CORES) + "\n\nA fresh Python process that only imports "
+                    + cores_table(fixed, lambda r: f"{r['workers']}", "workers") + "\n\nA fresh Python process that only imports "
                     "what one process of a run imports (torch, transformers' model classes, Ray), wall s: "
                     + ", ".join(f"the {k}'s `{IMPORTS[k]}` {spread(v)}" for k, v in imports.items()) + ".",
                     {"runs": fixed, "imports_s": imports},
