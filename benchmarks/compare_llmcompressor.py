@@ -71,6 +71,7 @@ class Measured:
     log: str
     procs_at_peak: list[str] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds (user + system) by process_kind
+    started_at: float = 0.0  # epoch seconds at the command's start (to place a report's epoch times in its wall)
 
 
 def process_kind(proc: psutil.Process, root: psutil.Process) -> str | None:
@@ -97,7 +98,7 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
     seconds of its processes by kind (each process's at its last sample: up to `interval` short)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        t0 = time.perf_counter()
+        started_at, t0 = time.time(), time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
         root = psutil.Process(proc.pid)
         peak_rss = peak_pss = 0
@@ -142,7 +143,7 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env: dict | None = N
     for kind, seconds in cpu.values():
         by_kind[kind] = by_kind.get(kind, 0.0) + seconds
     return Measured(cmd, proc.returncode, wall, peak_rss / 2**20, peak_pss / 2**20 if pss_ok else None,
-                    peak_procs, samples, str(log_path), at_peak, by_kind)
+                    peak_procs, samples, str(log_path), at_peak, by_kind, started_at)
 
 
 # ---------------------------------------------------------------- the two tools

@@ -100,6 +100,17 @@ def shard_work(report: dict) -> float:
     return sum(s.get("seconds", 0) + s.get("capture_seconds", 0) for s in report.get("shards", []))
 
 
+def calibration_span(report: dict, started_at: float, wall_s: float) -> dict:
+    """When the shards' calibration ran within the command's wall (the report's capture windows, epoch s):
+    first_capture_s, from the command's start to the first shard's first chunk; after_capture_s, from
+    the last shard's last chunk to the command's end (its compress, the export, the report, the exit)."""
+    windows = [s["capture_window"] for s in report.get("shards", []) if s.get("capture_window")]
+    if not windows:
+        return {}
+    first, last = min(w[0] for w in windows) - started_at, max(w[1] for w in windows) - started_at
+    return {"first_capture_s": first, "after_capture_s": wall_s - last}
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -117,7 +128,8 @@ def run_case(case: str, model_dir: Path, work: Path, calib: Path, digest: str, b
                                 workers, name)
         check_same_calibration(RECIPE, report, digest)
         phases = report["timing"]["phases"]
-        core, extra = phases.get("compress"), {"cluster": report.get("cluster"), "work_s": shard_work(report)}
+        core, extra = phases.get("compress"), {"cluster": report.get("cluster"), "work_s": shard_work(report),
+                                               **calibration_span(report, m.started_at, m.wall_s)}
     return {"case": case, "wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb, "peak_pss_mb": m.peak_pss_mb,
             "peak_procs": m.peak_procs, "core_s": core, "phases": phases, "cpu_s": m.cpu_s, "log": m.log, "cmd": m.cmd,
             **extra}
@@ -234,10 +246,16 @@ def phases_table(runs: list[dict]) -> str:
     for key in dict.fromkeys((r["model"], r["case"]) for r in ours):
         rs = [r for r in ours if (r["model"], r["case"]) == key]
         rest = median([r["wall_s"] - sum(r["phases"].values()) for r in rs])
+        span = [r["wall_s"] - r["first_capture_s"] - r["after_capture_s"] for r in rs if "first_capture_s" in r]
+        per_worker = [r["work_s"] / r["cluster"]["workers"] for r in rs]
         rows.append([*key, *(fmt(median([r["phases"].get(n) for r in rs]), 1) for n in names), fmt(rest, 1),
-                     fmt(median([r.get("work_s") for r in rs]), 1)])
+                     fmt(median([r.get("work_s") for r in rs]), 1),
+                     *(fmt(median([r.get(k) for r in rs]), 1) for k in ("first_capture_s", "after_capture_s")),
+                     fmt(median(span), 1), fmt(median(per_worker), 1)])
     return table(["model", "case", *(f"{n} s" for n in names), "outside the phases s",
-                  "shards' work s (workers' own seconds, summed)"], rows)
+                  "shards' work s (workers' own seconds, summed)", "first shard's calibration began at s",
+                  "from the last calibration chunk to the end s", "between them s", "shards' work per worker s"],
+                 rows)
 
 
 def limit_table(models: list[dict], limits: dict) -> str:
